@@ -29,6 +29,13 @@ while [ $# -gt 0 ]; do
 done
 
 STEP="start"
+# pip, quiet, without the local mirror's "Location ... is ignored" chatter; its errors still show.
+pip_q() {
+  local out rc=0
+  out="$("$@" 2>&1)" || rc=$?
+  printf '%s\n' "$out" | grep -v -e "is ignored: it is neither a file nor a directory" -e '^$' >&2 || true
+  return $rc
+}
 say() { echo "[setup_env] $*"; }
 trap 'rc=$?; echo "[setup_env] FAILED at step: ${STEP} (exit ${rc}). Fix the cause above and run the script again; finished steps are kept." >&2; exit $rc' ERR
 
@@ -66,8 +73,8 @@ install_detectron2() {
     local work; work="$(mktemp -d)"
     STEP="detectron2: download sal-detectron2==${D2_VERSION}"
     say "downloading sal-detectron2==${D2_VERSION} (CPython 3.10 wheel holding Detectron2's Python source)"
-    "$py" -m pip download -q --no-deps --python-version 3.10 --only-binary=:all: \
-      "sal-detectron2==${D2_VERSION}" -d "$work/dl" 2>&1 | grep -v "is ignored: it is neither" || true
+    pip_q "$py" -m pip download -q --no-deps --python-version 3.10 --only-binary=:all: \
+      "sal-detectron2==${D2_VERSION}" -d "$work/dl"
     local whl; whl="$(ls "$work"/dl/sal_detectron2-*.whl)"
     STEP="detectron2: check sha256 of $(basename "$whl")"
     local got; got="$(sha256sum "$whl" | cut -d' ' -f1)"
@@ -107,9 +114,9 @@ PYEOF
     say "using cached $built"
   fi
   STEP="detectron2: install $(basename "$built")"
-  "$py" -m pip install -q --no-deps --force-reinstall "$built"
+  pip_q "$py" -m pip install -q --no-deps --force-reinstall "$built"
   STEP="detectron2: import check"
-  "$py" -c "import detectron2.modeling, detectron2.config"
+  "$py" -W ignore::FutureWarning -c "import detectron2.modeling, detectron2.config"
   say "detectron2 installed (pure Python, torchvision ops)"
 }
 
@@ -147,7 +154,7 @@ fi
 STAMP="$VENV/.lxmert-setup.stamp"
 want="$(cat "$LOCK" "$ROOT/pyproject.toml" "$0" | sha256sum | cut -d' ' -f1)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] \
-   && "$PY" -c "import torch, torchvision, detectron2, lmdb, transformers, extract, model, tasks" 2>/dev/null; then
+   && "$PY" -c "import importlib.metadata as m, torch, torchvision, detectron2, lmdb, transformers; m.version('lxmert-pipeline')" 2>/dev/null; then
   say "environment up to date ($VENV); nothing to do"
   exit 0
 fi
@@ -155,16 +162,16 @@ rm -f "$STAMP"
 
 STEP="pip install pinned dependencies (requirements.lock)"
 say "installing pinned dependencies from requirements.lock (first run downloads torch's CUDA build: several GB)"
-"$PY" -m pip install -q -r "$LOCK"
+pip_q "$PY" -m pip install -q -r "$LOCK"
 
 STEP="pip install -e . (the project and its console scripts)"
 say "installing the project in editable mode"
-"$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+pip_q "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
 
 install_detectron2 "$PY" "$VENV/.detectron2-wheel"
 
 STEP="final import check"
-"$PY" - <<'PYEOF'
+"$PY" -W ignore::FutureWarning - <<'PYEOF'
 import torch, torchvision, detectron2, lmdb, transformers
 print(f"[setup_env] torch {torch.__version__} (cuda available: {torch.cuda.is_available()}), "
       f"torchvision {torchvision.__version__}, detectron2 {detectron2.__version__}, "
