@@ -1,1 +1,50 @@
+"""The LXMERT network: config, model classes (Hugging Face-compatible names and outputs), checkpoints, tokeniser.
 
+>>> from model import LxmertConfig, LxmertForPreTraining
+>>> model = LxmertForPreTraining(LxmertConfig(l_layers=1, r_layers=1, x_layers=1))
+"""
+
+from .answers import (
+    AnswerHeadTransfer,
+    load_answer_table,
+    normalize_answer,
+    qa_model_from_pretraining,
+    transfer_answer_head,
+)
+from .checkpoint import LoadReport, read_checkpoint, to_hf_state_dict, to_original_state_dict
+from .config import LxmertConfig
+from .modeling import (
+    LxmertForNLVR2,
+    LxmertForNLVR2Output,
+    LxmertForPreTraining,
+    LxmertForPreTrainingOutput,
+    LxmertForQuestionAnswering,
+    LxmertForQuestionAnsweringOutput,
+    LxmertModel,
+    LxmertModelOutput,
+    LxmertPreTrainedModel,
+)
+from .tokenizer import LxmertTokenizer
+
+__all__ = [
+    "AnswerHeadTransfer",
+    "LoadReport",
+    "LxmertConfig",
+    "LxmertForNLVR2",
+    "LxmertForNLVR2Output",
+    "LxmertForPreTraining",
+    "LxmertForPreTrainingOutput",
+    "LxmertForQuestionAnswering",
+    "LxmertForQuestionAnsweringOutput",
+    "LxmertModel",
+    "LxmertModelOutput",
+    "LxmertPreTrainedModel",
+    "LxmertTokenizer",
+    "load_answer_table",
+    "normalize_answer",
+    "qa_model_from_pretraining",
+    "read_checkpoint",
+    "to_hf_state_dict",
+    "to_original_state_dict",
+    "transfer_answer_head",
+]

@@ -1,0 +1,293 @@
+"""Benchmark: one full LXMERT pretraining step (forward, backward, grad clip, AdamW) for ours vs Hugging Face.
+
+Full-size model (9/5/5, hidden 768, 9500 QA answers), batch 32, 20 tokens, 36 regions, realistic label
+masks (15% MLM tokens of real length 8..20, 15% masked regions, obj/attr weights on all regions, half the
+pairs matched, a third with a QA answer). Each (model, dtype) runs in its own subprocess so the peak RSS is
+honest; rounds alternate the models (other processes on the machine hit both alike) and the best counts; on CUDA ``torch.cuda.max_memory_allocated`` is reported instead. Prints samples/s, the ratio
+ours / HF per dtype, peak memory and achieved GFLOP/s (HF's counted FLOPs per sample x samples/s, the useful
+work) against the measured matmul peak of the machine. Never asserts on time.
+
+    python bench/model_step.py                     # CPU, fp32 and bf16 autocast, 2 rounds x (1 warm-up + 3 steps)
+    python bench/model_step.py --device cuda --steps 20 --warmup 5
+    python bench/model_step.py --compile           # also time torch.compile'd ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = dict(l_layers=9, x_layers=5, r_layers=5, hidden_size=768, num_qa_labels=9500)
+
+
+def make_batch(batch: int, tokens: int, regions: int, device: str, seed: int = 0) -> dict:
+    """Random inputs and pretraining labels with LXMERT's masking rates (same for every model)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(8, tokens + 1, (batch,), generator=g)
+    attention_mask = (torch.arange(tokens)[None] < lengths[:, None]).long()
+    input_ids = torch.randint(1000, 30522, (batch, tokens), generator=g) * attention_mask
+    input_ids[:, 0] = 101
+    input_ids[torch.arange(batch), lengths - 1] = 102
+    maskable = attention_mask.bool() & (input_ids != 101) & (input_ids != 102)
+    mlm = maskable & (torch.rand(batch, tokens, generator=g) < 0.15)
+    mlm[torch.arange(batch), 1] |= ~mlm.any(1)  # at least one per sentence
+    labels = torch.where(mlm, input_ids, torch.full_like(input_ids, -100))
+    input_ids = torch.where(mlm, torch.full_like(input_ids, 103), input_ids)
+    feats = torch.rand(batch, regions, 2048, generator=g) * 2
+    boxes = torch.rand(batch, regions, 4, generator=g)
+    region_mask = (torch.rand(batch, regions, generator=g) < 0.15).float()
+    obj_labels = {
+        "obj": (
+            torch.randint(0, 1600, (batch, regions), generator=g),
+            torch.rand(batch, regions, generator=g),
+        ),
+        "attr": (
+            torch.randint(0, 400, (batch, regions), generator=g),
+            torch.rand(batch, regions, generator=g),
+        ),
+        "feat": (feats.clone(), region_mask),
+    }
+    feats = feats * (1 - region_mask[..., None])
+    matched = (torch.rand(batch, generator=g) < 0.5).long()
+    ans = torch.randint(0, 9500, (batch,), generator=g)
+    ans = torch.where(
+        matched.bool() & (torch.rand(batch, generator=g) < 0.67), ans, torch.full_like(ans, -100)
+    )
+    out = dict(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        visual_feats=feats,
+        visual_pos=boxes,
+        labels=labels,
+        matched_label=matched,
+        ans=ans,
+        obj_labels=obj_labels,
+    )
+
+    def move(x):
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return tuple(move(v) for v in x)
+        return x.to(device)
+
+    return move(out)
+
+
+def build(impl: str, device: str, compile_model: bool):
+    torch.manual_seed(0)
+    if impl == "hf":
+        import transformers
+
+        model = transformers.LxmertForPreTraining(transformers.LxmertConfig(**SIZES))
+        opt_kwargs = {}
+    else:
+        from model import LxmertConfig, LxmertForPreTraining
+
+        model = LxmertForPreTraining(LxmertConfig(**SIZES))
+        opt_kwargs = {"fused": True}
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6, **opt_kwargs)
+    if compile_model:
+        model = torch.compile(model)
+    return model, optimizer
+
+
+def worker(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    device = args.device
+    model, optimizer = build(args.impl, device, args.compile)
+    batch = make_batch(args.batch, args.tokens, args.regions, device)
+    autocast = (
+        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+        if args.dtype == "bf16"
+        else nullcontext()
+    )
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return loss.item()
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    flops = None
+    if args.count_flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step()
+        flops = counter.get_total_flops() / args.batch
+    for _ in tqdm(range(args.warmup), desc=f"{args.impl} {args.dtype} warm-up", file=sys.stderr):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync()
+    times = []
+    losses = []
+    for _ in tqdm(range(args.steps), desc=f"{args.impl} {args.dtype} timed", file=sys.stderr):
+        t0 = time.perf_counter()
+        losses.append(step())
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    if device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        peak_kind = "cuda_max_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        peak_kind = "peak_rss"
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "impl": args.impl,
+                "dtype": args.dtype,
+                "samples_per_s": args.batch / median,
+                "step_s": median,
+                "peak_gib": peak,
+                "peak_kind": peak_kind,
+                "flops_per_sample": flops,
+                "loss": losses[-1],
+            }
+        ),
+        flush=True,
+    )
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int) -> float:
+    """Measured GFLOP/s of an n x n x n matmul (best of a few)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--regions", type=int, default=36)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best counts")
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--impls", default="hf,ours")
+    parser.add_argument("--compile", action="store_true", help="also run torch.compile'd ours")
+    parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
+    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        args.impl, args.dtype = args.worker
+        args.compile = args.impl == "ours+compile"
+        args.impl = "ours" if args.compile else args.impl
+        args.count_flops = not args.no_flops
+        worker(args)
+        return
+
+    impls = args.impls.split(",") + (["ours+compile"] if args.compile else [])
+    dtypes = args.dtypes.split(",")
+    n = 8192 if args.device.startswith("cuda") else 2048
+    peaks = {
+        "fp32": matmul_peak(args.device, torch.float32, n),
+        "bf16": matmul_peak(args.device, torch.bfloat16, n),
+    }
+    print(
+        f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.tokens} tokens, {args.regions} regions"
+    )
+    print(
+        f"matmul peak ({n}^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True
+    )
+    results: dict[tuple[str, str], dict] = {}
+    for round_index in range(args.rounds):
+        # Rounds alternate the models so that load from other processes hits both alike; the best round counts.
+        for dtype in dtypes:
+            for impl in impls:
+                cmd = [sys.executable, __file__, "--worker", impl, dtype, "--device", args.device]
+                cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+                cmd += ["--tokens", str(args.tokens), "--regions", str(args.regions)]
+                if args.no_flops or impl != "hf" or round_index > 0:
+                    cmd.append("--no-flops")
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if proc.returncode != 0 or line is None:
+                    print(f"{impl} {dtype}: worker failed (exit {proc.returncode})\n{proc.stdout[-2000:]}")
+                    continue
+                r = json.loads(line[len("RESULT ") :])
+                print(
+                    f"  round {round_index + 1}: {impl:>13} {dtype}: {r['samples_per_s']:.2f} samples/s, "
+                    f"peak {r['peak_gib']:.2f} GiB",
+                    flush=True,
+                )
+                best = results.get((impl, dtype))
+                if best is None:
+                    results[(impl, dtype)] = r
+                else:
+                    r["flops_per_sample"] = r["flops_per_sample"] or best["flops_per_sample"]
+                    r["peak_gib"] = min(r["peak_gib"], best["peak_gib"])
+                    if r["samples_per_s"] > best["samples_per_s"]:
+                        results[(impl, dtype)] = r
+                    else:
+                        best["peak_gib"] = r["peak_gib"]
+
+    hf_flops = next((r["flops_per_sample"] for r in results.values() if r.get("flops_per_sample")), None)
+    print()
+    if hf_flops:
+        print(
+            f"HF step: {hf_flops / 1e9:.1f} GFLOP per sample (forward + backward, torch.utils.flop_counter)"
+        )
+    header = f"{'model':>13} {'dtype':>5} {'samples/s':>10} {'x HF':>6} {'peak GiB':>9} {'GFLOP/s':>8} {'% peak':>7}"
+    print(header)
+    print("-" * len(header))
+    for dtype in dtypes:
+        base = results.get(("hf", dtype))
+        for impl in impls:
+            r = results.get((impl, dtype))
+            if r is None:
+                continue
+            ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}" if base else "-"
+            gflops = hf_flops * r["samples_per_s"] / 1e9 if hf_flops else float("nan")
+            pct = 100 * gflops / peaks[dtype]
+            print(
+                f"{impl:>13} {dtype:>5} {r['samples_per_s']:>10.2f} {ratio:>6} {r['peak_gib']:>9.2f} "
+                f"{gflops:>8.0f} {pct:>6.0f}%"
+            )
+    kind = next((r["peak_kind"] for r in results.values()), "peak_rss")
+    print(f"(peak = {kind}; GFLOP/s = HF's FLOPs per sample x samples/s, i.e. useful work per second)")
+
+
+if __name__ == "__main__":
+    main()

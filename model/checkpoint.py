@@ -1,0 +1,419 @@
+"""Checkpoint formats: detection, key mapping (original LXMERT <-> Hugging Face <-> ours), load report, saving.
+
+Formats recognised (the format is detected from the files and keys, never assumed):
+
+- ``hf``: a directory with ``config.json`` and ``model.safetensors`` (or a sharded
+  ``model.safetensors.index.json``) or ``pytorch_model.bin``: Hugging Face's (``unc-nlp/lxmert-base-uncased``,
+  ``unc-nlp/lxmert-vqa-uncased``) and ours, which is the same layout. Keys ``lxmert.*`` + heads, or bare
+  ``embeddings.* / encoder.* / pooler.*`` for a saved ``LxmertModel``.
+- ``original``: the original LXMERT pretraining files (``model_LXRT.pth``, ``EpochNN_LXRT.pth``): keys under
+  ``bert.`` (+ ``cls.*``, ``obj_predict_head.*``, ``answer_head.*``).
+- ``original-finetuned``: the original VQA / GQA / NLVR2 code's ``BEST.pth``: ``lxrt_encoder.model.bert.*``
+  and ``logit_fc.*`` (mapped to ``answer_head.logit_fc.*``).
+
+Any of them may carry a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix, or be
+wrapped as ``{"model": state_dict, ...}`` / ``{"state_dict": ...}``. Torch pickles are read with
+``weights_only=True`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import LxmertConfig
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+TIED_DECODER_KEY = "cls.predictions.decoder.weight"
+_BACKBONE_ROOTS = ("embeddings.", "encoder.", "pooler.")
+_STRIP_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadReport:
+    """What happened when a checkpoint was loaded into a model.
+
+    ``missing``: model keys the checkpoint lacks (left as initialised); ``unexpected``: checkpoint keys the
+    model has no place for; ``mismatched``: ``(key, checkpoint shape, model shape)`` skipped (left as
+    initialised), e.g. an answer head with a different answer count.
+    """
+
+    source: str
+    format: str
+    loaded: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        """True when every model weight came from the checkpoint."""
+        return not self.missing and not self.mismatched
+
+    def summary(self) -> str:
+        """One paragraph for logs."""
+        parts = [f"{self.source} ({self.format}): loaded {self.loaded} tensors"]
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing (initialised): {_short(self.missing)}")
+        if self.mismatched:
+            shown = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched[:5]]
+            parts.append(f"{len(self.mismatched)} shape-mismatched (initialised): {shown}")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unused: {_short(self.unexpected)}")
+        return "; ".join(parts)
+
+
+def _short(keys: list[str], n: int = 6) -> str:
+    return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------
+def _torch_load(path: Path, map_location: str | torch.device) -> Any:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{path}: cannot read as a PyTorch checkpoint with weights_only=True ({type(err).__name__}: {err}). "
+            "The file is truncated/corrupted (re-download it) or holds pickled objects other than tensors "
+            "(re-save it as a plain state dict)."
+        ) from err
+
+
+def _safetensors_load(path: Path, device: str | torch.device) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as err:
+        raise ValueError(
+            f"{path}: cannot read as safetensors ({type(err).__name__}: {err}); the file is truncated or "
+            "corrupted: re-download or re-save it"
+        ) from err
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
+    """A state dict from a loaded pickle: plain, or under ``"model"`` / ``"state_dict"``."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            inner = obj.get(key)
+            if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
+                return inner
+    kind = type(obj).__name__
+    keys = list(obj)[:8] if isinstance(obj, dict) else []
+    raise ValueError(
+        f"{path}: holds a {kind} (keys {keys}), not a state dict of tensors; expected an LXMERT checkpoint "
+        "(a dict name -> tensor, optionally under 'model' or 'state_dict')"
+    )
+
+
+def read_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], LxmertConfig | None, str]:
+    """Read the tensors (raw keys) and the config (``None`` when there is no ``config.json``) at ``path``.
+
+    Returns ``(state_dict, config, container)``; ``container`` says which files were read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
+    if path.is_dir():
+        config_path = path / CONFIG_NAME
+        candidates = [path / WEIGHTS_NAME, path / "model.safetensors.index.json", path / "pytorch_model.bin"]
+        weights = next((c for c in candidates if c.is_file()), None)
+        if weights is None:
+            found = sorted(p.name for p in path.iterdir())[:20]
+            raise ValueError(
+                f"{path}: a checkpoint directory needs {WEIGHTS_NAME}, model.safetensors.index.json or "
+                f"pytorch_model.bin (found {found}); for an original LXMERT .pth file pass the file itself"
+            )
+        if not config_path.is_file():
+            raise ValueError(
+                f"{path}: {weights.name} without {CONFIG_NAME}; add the config.json that came with the weights "
+                "or pass the weights file itself (sizes are then inferred from the tensors)"
+            )
+        config = LxmertConfig.load(config_path)
+        return _read_weights_file(weights, map_location), config, f"{path}/{{{CONFIG_NAME},{weights.name}}}"
+    sibling = path.parent / CONFIG_NAME
+    config = (
+        LxmertConfig.load(sibling) if path.suffix in (".safetensors", ".bin") and sibling.is_file() else None
+    )
+    return _read_weights_file(path, map_location), config, str(path)
+
+
+def _read_weights_file(path: Path, map_location: str | torch.device) -> dict[str, Tensor]:
+    if path.name.endswith(".index.json"):
+        try:
+            index = json.loads(path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}: not a safetensors index (no 'weight_map'): {err}") from err
+        state: dict[str, Tensor] = {}
+        for shard in sorted(set(index.values())):
+            state.update(_safetensors_load(path.parent / shard, map_location))
+        return state
+    if path.suffix == ".safetensors":
+        return _safetensors_load(path, map_location)
+    return _unwrap(_torch_load(path, map_location), path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Key mapping
+# --------------------------------------------------------------------------------------------------------------
+def _strip_wrappers(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                changed = True
+    return key
+
+
+def _layer_norm_names(key: str) -> str:
+    """Old BERT names: LayerNorm ``gamma`` / ``beta`` -> ``weight`` / ``bias``."""
+    return re.sub(
+        r"(LayerNorm|layer_norm)\.gamma$",
+        r"\1.weight",
+        re.sub(r"(LayerNorm|layer_norm)\.beta$", r"\1.bias", key),
+    )
+
+
+def detect_format(keys: list[str]) -> str:
+    """``"original-finetuned"``, ``"original"`` or ``"hf"`` from (wrapper-stripped) key names.
+
+    Raises ``ValueError`` when no LXMERT backbone key is present.
+    """
+    if any(k.startswith("lxrt_encoder.model.bert.") for k in keys):
+        return "original-finetuned"
+    if any(k.startswith("bert.encoder.x_layers.") or k.startswith("bert.embeddings.") for k in keys):
+        return "original"
+    if any(k.startswith("lxmert.") for k in keys) or any(k.startswith(_BACKBONE_ROOTS) for k in keys):
+        return "hf"
+    raise ValueError(
+        f"no LXMERT backbone keys (bert.*, lxrt_encoder.model.bert.*, lxmert.*, embeddings.*) among {keys[:8]}; "
+        "this is not an LXMERT checkpoint"
+    )
+
+
+def to_hf_state_dict(state: dict[str, Tensor], source: str = "<state dict>") -> tuple[dict[str, Tensor], str]:
+    """Map any recognised layout to Hugging Face's full-model names (``lxmert.*`` + heads).
+
+    Returns ``(state_dict, format)``. Keys outside the known roots are kept (they end up as "unused").
+    """
+    stripped = {_layer_norm_names(_strip_wrappers(k)): v for k, v in state.items()}
+    try:
+        fmt = detect_format(list(stripped))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+    out: dict[str, Tensor] = {}
+    for key, value in stripped.items():
+        if fmt == "original-finetuned":
+            if key.startswith("lxrt_encoder.model.bert."):
+                key = "lxmert." + key[len("lxrt_encoder.model.bert.") :]
+            elif key.startswith("logit_fc."):
+                key = "answer_head." + key
+        elif fmt == "original":
+            if key.startswith("bert."):
+                key = "lxmert." + key[len("bert.") :]
+        elif key.startswith(_BACKBONE_ROOTS):
+            key = "lxmert." + key
+        out[key] = value
+    return out, fmt
+
+
+def to_original_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face / our names -> the original LXMERT pretraining names (``bert.*``); for export and tests."""
+    hf, _ = to_hf_state_dict(state)
+    return {("bert." + k[len("lxmert.") :] if k.startswith("lxmert.") else k): v for k, v in hf.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config inference (for single files without config.json)
+# --------------------------------------------------------------------------------------------------------------
+def infer_config(state: dict[str, Tensor], source: str = "<state dict>") -> LxmertConfig:
+    """Sizes from the tensors of a Hugging Face-named state dict (``lxmert.*``).
+
+    ``num_attention_heads`` cannot be seen in the weights: it is taken as ``hidden_size // 64`` (12 for 768);
+    pass ``num_attention_heads=`` to ``from_pretrained`` for other models.
+    """
+    try:
+        vocab, hidden = state["lxmert.embeddings.word_embeddings.weight"].shape
+        max_pos = state["lxmert.embeddings.position_embeddings.weight"].shape[0]
+        types = state["lxmert.embeddings.token_type_embeddings.weight"].shape[0]
+        visn = state["lxmert.encoder.visn_fc.visn_fc.weight"]
+        box = state["lxmert.encoder.visn_fc.box_fc.weight"]
+    except KeyError as err:
+        raise ValueError(
+            f"{source}: cannot infer the model sizes, {err.args[0]} is missing; the backbone is incomplete "
+            "(pass a config, or a complete checkpoint)"
+        ) from None
+
+    def count(prefix: str) -> int:
+        pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+        return len({m.group(1) for k in state if (m := pat.match(k))})
+
+    kwargs: dict[str, Any] = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_attention_heads": max(1, hidden // 64),
+        "max_position_embeddings": max_pos,
+        "type_vocab_size": types,
+        "visual_feat_dim": visn.shape[1],
+        "visual_pos_dim": box.shape[1],
+        "l_layers": count("lxmert.encoder.layer."),
+        "r_layers": count("lxmert.encoder.r_layers."),
+        "x_layers": count("lxmert.encoder.x_layers."),
+    }
+    for key in (
+        "lxmert.encoder.layer.0.intermediate.dense.weight",
+        "lxmert.encoder.r_layers.0.intermediate.dense.weight",
+        "lxmert.encoder.x_layers.0.lang_inter.dense.weight",
+    ):
+        if key in state:
+            kwargs["intermediate_size"] = state[key].shape[0]
+            break
+    fc0, fc3 = state.get("answer_head.logit_fc.0.weight"), state.get("answer_head.logit_fc.3.weight")
+    if fc3 is not None and fc0 is not None and fc0.shape[1] == hidden:
+        kwargs["num_qa_labels"] = fc3.shape[0]
+    for name, field_name in (("obj", "num_object_labels"), ("attr", "num_attr_labels")):
+        w = state.get(f"obj_predict_head.decoder_dict.{name}.weight")
+        if w is not None:
+            kwargs[field_name] = w.shape[0]
+    if any(k.startswith("obj_predict_head.") for k in state):
+        for name in ("obj", "attr", "feat"):
+            kwargs[f"visual_{name}_loss"] = f"obj_predict_head.decoder_dict.{name}.weight" in state
+    return LxmertConfig(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading into a model
+# --------------------------------------------------------------------------------------------------------------
+def load_state_dict_into(
+    model: torch.nn.Module, hf_state: dict[str, Tensor], fmt: str, source: str = "<state dict>"
+) -> LoadReport:
+    """Copy a Hugging Face-named state dict (see :func:`to_hf_state_dict`) into ``model``.
+
+    Backbone weights must all be present with the right shapes, otherwise ``ValueError`` (nothing is half
+    loaded silently); head weights that are missing or of another shape are reported and left initialised.
+    """
+    prefix = getattr(model, "backbone_prefix", "lxmert.")
+    state = dict(hf_state)
+    if prefix == "":  # the bare backbone: drop the "lxmert." prefix, heads become unused
+        state = {(k[len("lxmert.") :] if k.startswith("lxmert.") else k): v for k, v in state.items()}
+    own = model.state_dict()
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False) and TIED_DECODER_KEY in own
+    if tied:
+        state.pop(TIED_DECODER_KEY, None)
+    report = LoadReport(source=source, format=fmt)
+    to_load: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            to_load[key] = value
+    report.missing = [k for k in own if k not in state and not (tied and k == TIED_DECODER_KEY)]
+
+    def is_backbone(key: str) -> bool:
+        return key.startswith(prefix) if prefix else key.startswith(_BACKBONE_ROOTS)
+
+    bad_missing = [k for k in report.missing if is_backbone(k)]
+    bad_shape = [m for m in report.mismatched if is_backbone(m[0])]
+    if bad_missing or bad_shape:
+        details = []
+        if bad_missing:
+            details.append(f"{len(bad_missing)} backbone weights missing: {_short(bad_missing)}")
+        if bad_shape:
+            details.append(
+                f"{len(bad_shape)} backbone weights of another shape: "
+                + ", ".join(f"{k} {a} vs model {b}" for k, a, b in bad_shape[:4])
+            )
+        raise ValueError(
+            f"{source} ({fmt}): the LXMERT backbone does not load into {type(model).__name__}: "
+            + "; ".join(details)
+            + ". The checkpoint is truncated, from another model, or the config does not match it "
+            "(check config.json / the sizes passed to from_pretrained)."
+        )
+    result = model.load_state_dict(to_load, strict=False)
+    report.loaded = len(to_load)
+    assert not result.unexpected_keys, result.unexpected_keys
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return report
+
+
+def load_pretrained(
+    cls: type,
+    path: str | Path,
+    config: LxmertConfig | None = None,
+    map_location: str | torch.device = "cpu",
+    **config_overrides: Any,
+) -> Any:
+    """Build ``cls`` from any recognised checkpoint at ``path`` (see the module docstring)."""
+    raw, file_config, container = read_checkpoint(path, map_location)
+    state, fmt = to_hf_state_dict(raw, container)
+    return build_from_state_dict(cls, state, fmt, container, config or file_config, **config_overrides)
+
+
+def build_from_state_dict(
+    cls: type,
+    state: dict[str, Tensor],
+    fmt: str,
+    source: str,
+    config: LxmertConfig | None = None,
+    **config_overrides: Any,
+) -> Any:
+    """Build ``cls`` (config given or inferred from ``state``), load ``state``, attach and log the report."""
+    config = config or infer_config(state, source)
+    if config_overrides:
+        try:
+            config = dataclasses.replace(config, **config_overrides)
+        except TypeError as err:
+            raise TypeError(
+                f"from_pretrained({source}): {err}; valid names are LxmertConfig fields"
+            ) from None
+    model = cls(config)
+    report = load_state_dict_into(model, state, fmt, source)
+    model.load_report = report
+    (logger.info if report.complete else logger.warning)("%s", report.summary())
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------
+def save_pretrained(model: Any, save_directory: str | Path) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (Hugging Face's layout and names) into the directory.
+
+    The tied MLM decoder weight is not stored (Hugging Face ties it on load, as do we).
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop(TIED_DECODER_KEY, None)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    config = dataclasses.replace(model.config, architectures=[model.hf_architecture])
+    tmp = directory / (WEIGHTS_NAME + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(directory / WEIGHTS_NAME)
+    config.save(directory / CONFIG_NAME)
+    return directory

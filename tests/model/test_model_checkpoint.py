@@ -1,0 +1,216 @@
+"""Checkpoint formats: round trips ours <-> HF, original LXMERT files, detection, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from model import (
+    LxmertConfig,
+    LxmertForNLVR2,
+    LxmertForPreTraining,
+    LxmertForQuestionAnswering,
+    LxmertModel,
+    to_original_state_dict,
+)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def test_round_trip_ours_hf_ours(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    ours = LxmertForPreTraining(tiny_config)
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["model_type"] == "lxmert" and saved["architectures"] == ["LxmertForPreTraining"]
+    hf, info = transformers.LxmertForPreTraining.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    hf.save_pretrained(tmp_path / "hf")
+    back = LxmertForPreTraining.from_pretrained(tmp_path / "hf")
+    assert back.load_report.format == "hf" and back.load_report.complete
+    _assert_same_weights(ours, back)
+    assert back.cls.predictions.decoder.weight is back.lxmert.embeddings.word_embeddings.weight
+    assert back.config == LxmertConfig.from_dict(
+        {**tiny_config.to_dict(), "architectures": ["LxmertForPreTraining"]}
+    )
+
+
+@pytest.mark.parametrize("hf_cls_name", ["LxmertModel", "LxmertForQuestionAnswering"])
+def test_hf_loads_our_backbone_and_qa(tiny_config, tmp_path, hf_cls_name):
+    torch.manual_seed(0)
+    ours = LxmertForQuestionAnswering(tiny_config)
+    ours.save_pretrained(tmp_path)
+    hf, info = getattr(transformers, hf_cls_name).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"], info
+    hf_state = hf.state_dict()
+    prefix = "" if hf_cls_name == "LxmertForQuestionAnswering" else "lxmert."
+    for key, value in hf_state.items():
+        assert torch.equal(value, ours.state_dict()[prefix + key]), key
+
+
+def test_bare_backbone_round_trip_and_pytorch_bin(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    hf = transformers.LxmertModel(
+        transformers.LxmertConfig(**{k: v for k, v in tiny_config.to_dict().items() if k != "layer_norm_eps"})
+    )
+    hf.save_pretrained(tmp_path / "st")
+    ours = LxmertModel.from_pretrained(tmp_path / "st")
+    assert ours.load_report.complete
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in hf.state_dict().items())
+    # pytorch_model.bin + config.json directory
+    (tmp_path / "bin").mkdir()
+    torch.save(hf.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    (tmp_path / "bin" / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    _assert_same_weights(ours, LxmertModel.from_pretrained(tmp_path / "bin"))
+    # a bare backbone checkpoint inside a task model: backbone loads, heads reported missing
+    qa = LxmertForQuestionAnswering.from_pretrained(tmp_path / "st")
+    assert any(k.startswith("answer_head.") for k in qa.load_report.missing)
+    assert torch.equal(qa.lxmert.pooler.dense.weight, ours.pooler.dense.weight)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+def test_original_pretraining_file(tiny_config, tmp_path, prefix):
+    """model_LXRT.pth-style: keys under bert.*, optionally DataParallel's module.*, tied decoder stored."""
+    torch.manual_seed(0)
+    ours = LxmertForPreTraining(tiny_config)
+    original = to_original_state_dict(ours.state_dict())
+    assert "bert.encoder.x_layers.0.visual_attention.att.query.weight" in original
+    assert "cls.predictions.decoder.weight" in original
+    path = tmp_path / "Epoch20_LXRT.pth"
+    torch.save({prefix + k: v for k, v in original.items()}, path)
+    loaded = LxmertForPreTraining.from_pretrained(path, num_attention_heads=tiny_config.num_attention_heads)
+    assert loaded.load_report.format == "original" and loaded.load_report.complete
+    assert loaded.load_report.unexpected == []
+    assert loaded.config.l_layers == 2 and loaded.config.num_qa_labels == tiny_config.num_qa_labels
+    assert loaded.config.num_object_labels == tiny_config.num_object_labels
+    _assert_same_weights(ours, loaded)
+
+
+def test_original_finetuned_best_pth(tiny_config, tmp_path):
+    """BEST.pth of the original VQA code: lxrt_encoder.model.bert.* + logit_fc.*, module.-prefixed."""
+    torch.manual_seed(0)
+    qa = LxmertForQuestionAnswering(tiny_config)
+    state = {}
+    for key, value in qa.state_dict().items():
+        if key.startswith("lxmert."):
+            state["module.lxrt_encoder.model.bert." + key[len("lxmert.") :]] = value
+        else:
+            state["module." + key[len("answer_head.") :]] = value
+    path = tmp_path / "BEST.pth"
+    torch.save(state, path)
+    loaded = LxmertForQuestionAnswering.from_pretrained(path, num_attention_heads=4)
+    assert loaded.load_report.format == "original-finetuned" and loaded.load_report.complete
+    _assert_same_weights(qa, loaded)
+    # NLVR2's BEST.pth: logit_fc takes the two pooled outputs (2H)
+    nlvr = LxmertForNLVR2(tiny_config)
+    state = {
+        ("lxrt_encoder.model.bert." + k[7:] if k.startswith("lxmert.") else k[len("answer_head.") :]): v
+        for k, v in nlvr.state_dict().items()
+    }
+    torch.save(state, path)
+    _assert_same_weights(nlvr, LxmertForNLVR2.from_pretrained(path, num_attention_heads=4))
+
+
+def test_wrapped_training_checkpoint_and_compile_prefix(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    ours = LxmertForQuestionAnswering(tiny_config)
+    path = tmp_path / "last.pt"
+    torch.save(
+        {"model": {"_orig_mod." + k: v for k, v in ours.state_dict().items()}, "step": torch.tensor(3)}, path
+    )
+    _assert_same_weights(ours, LxmertForQuestionAnswering.from_pretrained(path, num_attention_heads=4))
+
+
+def test_head_shape_mismatch_is_reported_not_fatal(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    LxmertForPreTraining(tiny_config).save_pretrained(tmp_path)
+    qa = LxmertForQuestionAnswering.from_pretrained(tmp_path, num_qa_labels=5)
+    mismatched = {k for k, _, _ in qa.load_report.mismatched}
+    assert mismatched == {"answer_head.logit_fc.3.weight", "answer_head.logit_fc.3.bias"}
+    assert qa.answer_head.logit_fc[3].weight.shape == (5, 64)
+    assert "cls.seq_relationship.weight" in qa.load_report.unexpected
+    assert "shape-mismatched" in qa.load_report.summary()
+
+
+def test_backbone_mismatch_refused(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    LxmertForPreTraining(tiny_config).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"backbone does not load.*hidden|backbone does not load") as err:
+        LxmertForPreTraining.from_pretrained(tmp_path, hidden_size=48, num_attention_heads=4)
+    assert str(tmp_path) in str(err.value) and "of another shape" in str(err.value)
+    with pytest.raises(ValueError, match="backbone weights missing"):
+        LxmertForPreTraining.from_pretrained(tmp_path, l_layers=3)
+
+
+def test_truncated_backbone_file_refused(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    state = to_original_state_dict(LxmertForPreTraining(tiny_config).state_dict())
+    state = {k: v for k, v in state.items() if "x_layers.1." not in k}
+    path = tmp_path / "model_LXRT.pth"
+    torch.save(state, path)
+    with pytest.raises(
+        ValueError, match=r"model_LXRT.pth \(original\): the LXMERT backbone does not load"
+    ) as err:
+        LxmertForPreTraining.from_pretrained(path, config=tiny_config)
+    assert "x_layers.1." in str(err.value)
+
+
+def test_corrupted_files_give_clear_errors(tiny_config, tmp_path):
+    torch.manual_seed(0)
+    LxmertForPreTraining(tiny_config).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot read as safetensors.*corrupted"):
+        LxmertForPreTraining.from_pretrained(tmp_path)
+    pth = tmp_path / "model_LXRT.pth"
+    torch.save(to_original_state_dict(LxmertForPreTraining(tiny_config).state_dict()), pth)
+    pth.write_bytes(pth.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"model_LXRT.pth: cannot read as a PyTorch checkpoint.*re-download"):
+        LxmertForPreTraining.from_pretrained(pth)
+
+
+def test_not_lxmert_and_unsafe_pickles_refused(tmp_path):
+    bert_like = tmp_path / "bert.pth"
+    torch.save(
+        {
+            "bert.encoder.layer.0.attention.self.query.weight": torch.zeros(2, 2),
+            "classifier.weight": torch.zeros(2),
+        },
+        bert_like,
+    )
+    with pytest.raises(ValueError, match="not an LXMERT checkpoint"):
+        LxmertModel.from_pretrained(bert_like)
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": argparse_namespace()}, unsafe)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        LxmertModel.from_pretrained(unsafe)
+    with pytest.raises(ValueError, match="needs model.safetensors"):
+        LxmertModel.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        LxmertModel.from_pretrained(tmp_path / "nope.pth")
+
+
+def argparse_namespace():
+    import argparse
+
+    return argparse.Namespace(lr=1e-4)
+
+
+def test_config_json_both_ways(tmp_path):
+    config = LxmertConfig(l_layers=3, num_qa_labels=3129)
+    config.save(tmp_path / "config.json")
+    hf = transformers.LxmertConfig.from_pretrained(tmp_path)
+    assert (hf.l_layers, hf.num_qa_labels, hf.x_layers) == (3, 3129, 5)
+    hf.save_pretrained(tmp_path / "hf")
+    assert LxmertConfig.load(tmp_path / "hf" / "config.json") == config
+    (tmp_path / "bad.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="bad.json: model_type is 'bert'"):
+        LxmertConfig.load(tmp_path / "bad.json")
