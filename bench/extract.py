@@ -1,0 +1,263 @@
+"""Extraction throughput: the per-image loop of the reference scripts vs. the batched runner.
+
+The per-image loop is how the reference extraction scripts run: decode + resize one image in the main
+process, one detector forward for it, write its record, next image. The batched runner is
+``extract.runner.run_extraction``: DataLoader workers decode and resize, batches of ``--batch-sizes`` images
+per forward, a writer thread commits to LMDB. Both use the same detector (``--config``, random weights) and
+default 600/1000 resizing, and write into a fresh store.
+
+Prints a table of images/s, seconds per image, the speed-up over the loop at the same dtype, and peak memory
+(CUDA: ``torch.cuda.max_memory_allocated``; CPU: peak RSS of this process, sampled). Never asserts on time.
+
+    python bench/extract.py                                  # CPU: 4 synthetic COCO-sized images, fp32 + bf16
+    python bench/extract.py --device cuda --n-images 64      # GPU: fp32 + fp16 + bf16
+    python bench/extract.py --images /data/coco/val2014 --n-images 200 --batch-sizes 1,8,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a plain script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from extract.images import load_image  # noqa: E402
+from extract.runner import (  # noqa: E402
+    AMP_DTYPES,
+    ExtractConfig,
+    build_detector,
+    collect_images,
+    run_extraction,
+)
+from extract.store import FeatureWriter  # noqa: E402
+
+DTYPE_TO_AMP = {"fp32": "none", "fp16": "fp16", "bf16": "bf16"}
+# (h, w) of typical COCO photos: 600x800 after resizing for most, some portrait, some other aspect ratios
+COCO_SIZES = [(480, 640), (640, 480), (427, 640), (480, 640), (375, 500), (640, 427), (480, 640), (512, 640)]
+
+
+@dataclass
+class Row:
+    mode: str
+    batch: int
+    dtype: str
+    n: int
+    seconds: float
+    peak_mb: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.n / self.seconds if self.seconds > 0 else float("nan")
+
+
+class PeakMemory:
+    """Peak memory during a ``with`` block: CUDA allocator peak, or this process's RSS sampled every 20 ms."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._proc = psutil.Process()
+            self._stop = threading.Event()
+            self.peak_bytes = self._proc.memory_info().rss
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak_bytes = max(self.peak_bytes, self._proc.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+def synthetic_images(folder: Path, n: int, seed: int = 0) -> None:
+    """``n`` JPEGs of COCO-like sizes with smooth random content (so JPEG decoding costs what photos cost)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = COCO_SIZES[i % len(COCO_SIZES)]
+        small = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        img.save(folder / f"bench_{i:05d}.jpg", quality=90)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def per_image_loop(
+    detector, items, config: ExtractConfig, out: Path, device: torch.device
+) -> tuple[float, float]:
+    """The reference scripts' way: one image decoded, one forward, one record written, repeat."""
+    with PeakMemory(device) as mem:
+        writer = FeatureWriter(out, extractor={"bench": "loop"}, overwrite=True)
+        start = time.perf_counter()
+        for item in tqdm(items, desc=f"loop {config.amp}", unit="img", leave=False):
+            loaded = load_image(item.path, config.min_size, config.max_size)
+            image = loaded.image.to(device)
+            (record,) = detector.extract(
+                [image], [loaded.orig_size], config.selection, amp_dtype=config.amp_dtype
+            )
+            writer.put(item.img_id, record)
+        writer.close()
+        _sync(device)
+        seconds = time.perf_counter() - start
+    return seconds, mem.mb
+
+
+def batched_runner(detector, items, config: ExtractConfig, device: torch.device) -> tuple[float, float]:
+    with PeakMemory(device) as mem:
+        start = time.perf_counter()
+        summary = run_extraction(config, items, detector=detector)
+        _sync(device)
+        seconds = time.perf_counter() - start
+    if summary.failed or summary.done != len(items):
+        raise RuntimeError(f"benchmark run incomplete: {summary.format(bold=False)}")
+    return seconds, mem.mb
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument(
+        "--n-images", type=int, default=None, help="images per measurement (default: 4 CPU, 64 CUDA)"
+    )
+    p.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes of the runner")
+    p.add_argument("--dtypes", default=None, help="fp32,bf16,fp16 subset (default: fp32,bf16 CPU; all CUDA)")
+    p.add_argument("--config", default="vg_r101_c4", help="detector config (full R101 by default)")
+    p.add_argument("--images", default=None, help="folder of images to use instead of synthetic ones")
+    p.add_argument(
+        "--workers", type=int, default=None, help="runner DataLoader workers (default: min(4, cpus))"
+    )
+    p.add_argument("--min-size", type=int, default=600)
+    p.add_argument("--max-size", type=int, default=1000)
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)"
+    )
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n = args.n_images or (64 if device.type == "cuda" else 4)
+    dtypes = (args.dtypes or ("fp32,fp16,bf16" if device.type == "cuda" else "fp32,bf16")).split(",")
+    for d in dtypes:
+        if d not in DTYPE_TO_AMP:
+            p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPE_TO_AMP)}")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    workers = args.workers if args.workers is not None else min(4, psutil.cpu_count() or 1)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    try:
+        if args.images:
+            items = collect_images(args.images)[:n]
+        else:
+            synthetic_images(tmp / "images", n)
+            items = collect_images(tmp / "images")
+        n = len(items)
+        base = ExtractConfig(
+            out=str(tmp / "unused.lmdb"),
+            random_weights=True,
+            config=args.config,
+            min_size=args.min_size,
+            max_size=args.max_size,
+            device=str(device),
+            workers=workers,
+            progress=False,
+            overwrite=True,
+        )
+        print(
+            f"extract bench: {n} images ({'given' if args.images else 'synthetic COCO-sized'}), config "
+            f"{args.config}, random weights, {args.min_size}/{args.max_size} resize, device {device}"
+            + (
+                f" ({torch.cuda.get_device_name(device)})"
+                if device.type == "cuda"
+                else f", {torch.get_num_threads()} torch threads"
+            )
+            + f", runner workers {workers}",
+            flush=True,
+        )
+        t0 = time.perf_counter()
+        detector = build_detector(base, device)
+        print(
+            f"detector built in {time.perf_counter() - t0:.1f} s ({detector.feature_dim}-d features)",
+            flush=True,
+        )
+
+        rows: list[Row] = []
+        for dtype in dtypes:
+            amp = DTYPE_TO_AMP[dtype]
+            warm = load_image(items[0].path, args.min_size, args.max_size)
+            detector.extract(
+                [warm.image.to(device)], [warm.orig_size], base.selection, amp_dtype=AMP_DTYPES[amp]
+            )
+            _sync(device)
+            cfg = ExtractConfig(**{**base.__dict__, "amp": amp})
+            secs, mb = per_image_loop(detector, items, cfg, tmp / f"loop_{dtype}.lmdb", device)
+            rows.append(Row("per-image loop", 1, dtype, n, secs, mb))
+            print(f"  {dtype} loop: {n / secs:.3f} images/s", flush=True)
+            for b in batch_sizes:
+                cfg = ExtractConfig(
+                    **{**base.__dict__, "amp": amp, "batch_size": b, "out": str(tmp / f"b{b}_{dtype}.lmdb")}
+                )
+                secs, mb = batched_runner(detector, items, cfg, device)
+                rows.append(Row("batched runner", b, dtype, n, secs, mb))
+                print(f"  {dtype} runner batch {b}: {n / secs:.3f} images/s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    loop_speed = {r.dtype: r.images_per_s for r in rows if r.mode == "per-image loop"}
+    mem_label = "peak GPU MiB" if device.type == "cuda" else "peak RSS MiB"
+    print()
+    print(f"| mode           | batch | dtype | images/s | s/image | vs loop | {mem_label} |")
+    print("|----------------|------:|-------|---------:|--------:|--------:|-------------:|")
+    for r in rows:
+        ratio = r.images_per_s / loop_speed[r.dtype]
+        print(
+            f"| {r.mode:<14} | {r.batch:>5} | {r.dtype:<5} | {r.images_per_s:>8.3f} | {1 / r.images_per_s:>7.2f} "
+            f"| {ratio:>6.2f}x | {r.peak_mb:>12.0f} |"
+        )
+    best = max(
+        (r for r in rows if r.mode == "batched runner"), key=lambda r: r.images_per_s / loop_speed[r.dtype]
+    )
+    goal = 2.0 if device.type == "cuda" else 1.0
+    print(
+        f"\nbest runner / loop ratio: {best.images_per_s / loop_speed[best.dtype]:.2f}x (batch {best.batch}, "
+        f"{best.dtype}); goal on {device.type}: >= {goal:.0f}x"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

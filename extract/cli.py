@@ -1,0 +1,173 @@
+"""``extract-features``: images -> an LMDB store of LXMERT's region features (36 boxes x 2048-d per image).
+
+Examples::
+
+    extract-features images/ features.lmdb --weights faster_rcnn_from_caffe_attr.pkl
+    extract-features --list todo.txt features.lmdb --weights faster_rcnn_from_caffe_attr.pkl
+    torchrun --nproc_per_node 4 -m extract.cli images/ features.lmdb --weights faster_rcnn_from_caffe_attr.pkl
+
+Run the same command again after an interruption: it resumes. Exit codes: 0 done (failed images are listed
+in ``OUT.failures.jsonl``), 1 some images failed and ``--strict`` was given, 2 refused before any work (bad
+arguments, weights, store or settings), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+EXIT_OK, EXIT_FAILURES, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _device(text: str) -> str:
+    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cuda, cuda:N or cpu, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog="extract-features",
+        usage="extract-features IMAGES_DIR OUT.lmdb (--weights FILE | --random-weights) [options]\n"
+        "       extract-features --list FILE [IMAGES_DIR] OUT.lmdb (--weights FILE | --random-weights) [options]",
+        description="Extract LXMERT's Visual Genome Faster R-CNN region features from images into an LMDB store. "
+        "Resumable (run the same command again), shardable with torchrun (all ranks write the same store).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="images folder (walked recursively; jpg/jpeg/png/bmp/webp) and the output store; with --list, "
+        "IMAGES_DIR is optional and is the base of relative entries",
+    )
+    p.add_argument("--list", dest="list_file", metavar="FILE", help="text file of image paths, one per line")
+    p.add_argument(
+        "--id-from",
+        choices=("stem", "relpath"),
+        default="stem",
+        help="image id: file name without extension, or the path relative to IMAGES_DIR without extension",
+    )
+    g = p.add_argument_group("detector")
+    g.add_argument("--weights", metavar="FILE", help="detector weights (.pkl, .safetensors, .pth)")
+    g.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="skip loading weights: a deterministic random detector (tests, demos; recorded in the store)",
+    )
+    g.add_argument("--config", default="vg_r101_c4", help="vg_r101_c4 | vg_tiny | path/to/config.yaml")
+    g.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="Detectron2 config overrides")
+    g.add_argument("--selection", choices=("caffe", "maxnms"), default="caffe", help="box selection rule")
+    g.add_argument("--boxes", default="36", help="regions per image: N, or MIN-MAX (e.g. 10-100)")
+    g.add_argument("--conf-thresh", type=float, default=0.2, help="confidence threshold of the caffe rule")
+    g.add_argument("--nms-thresh", type=float, default=0.3, help="NMS IoU threshold of the selection")
+    g = p.add_argument_group("images")
+    g.add_argument(
+        "--min-size", type=_positive_int, default=600, help="shortest side after resizing (pixels)"
+    )
+    g.add_argument("--max-size", type=_positive_int, default=1000, help="cap on the longest side (pixels)")
+    g.add_argument(
+        "--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (w*h)"
+    )
+    g = p.add_argument_group("execution")
+    g.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes"
+    )
+    g.add_argument("--batch-size", type=_positive_int, default=4, help="images per detector forward")
+    g.add_argument("--device", type=_device, default=None, help="cuda | cpu (default: cuda when available)")
+    g.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none", help="autocast dtype")
+    g.add_argument("--features-dtype", choices=("float32", "float16"), default="float32", help="stored dtype")
+    g.add_argument("--overwrite", action="store_true", help="re-extract images already in the store")
+    g.add_argument("--strict", action="store_true", help="exit 1 when any image failed")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    """(ExtractConfig, images_dir or None) from parsed arguments; ValueError with a message when invalid."""
+    from extract.runner import ExtractConfig
+    from extract.selection import BoxSelection
+
+    if args.list_file is not None:
+        if len(args.paths) > 2:
+            raise ValueError("with --list give at most [IMAGES_DIR] OUT.lmdb")
+        images_dir = args.paths[0] if len(args.paths) == 2 else None
+    else:
+        if len(args.paths) != 2:
+            raise ValueError("give IMAGES_DIR and OUT.lmdb (or --list FILE OUT.lmdb)")
+        images_dir = args.paths[0]
+    out = args.paths[-1]
+    if not args.random_weights and not args.weights:
+        raise ValueError(
+            "--weights FILE is required (e.g. faster_rcnn_from_caffe_attr.pkl), or --random-weights"
+        )
+    selection = BoxSelection.from_spec(
+        args.boxes, rule=args.selection, conf_thresh=args.conf_thresh, nms_thresh=args.nms_thresh
+    )
+    config = ExtractConfig(
+        out=out,
+        weights=None if args.random_weights else args.weights,
+        random_weights=args.random_weights,
+        config=args.config,
+        opts=list(args.opts),
+        selection=selection,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        max_pixels=args.max_pixels,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        device=args.device,
+        amp=args.amp,
+        features_dtype=args.features_dtype,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        progress=not args.no_progress,
+    )
+    return config, images_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``extract-features``; returns the exit code (0, 1 with --strict and failures, 2 refused, 130)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.random_weights and args.weights:
+        print("extract-features: --random-weights given: --weights is ignored", file=sys.stderr)
+    try:
+        config, images_dir = config_from_args(args)
+    except ValueError as e:
+        parser.print_usage(sys.stderr)
+        print(f"extract-features: error: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+
+    from extract.runner import SetupError, collect_images, run_extraction
+
+    try:
+        items = collect_images(images_dir, args.list_file, args.id_from)
+        if not items:
+            where = args.list_file or images_dir
+            print(f"extract-features: no images found in {where} (jpg/jpeg/png/bmp/webp)", file=sys.stderr)
+        summary = run_extraction(config, items)
+    except SetupError as e:
+        print(f"extract-features: refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("extract-features: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary.format(bold=not os.environ.get("NO_COLOR")), flush=True)
+    return EXIT_FAILURES if (config.strict and summary.failed) else EXIT_OK
+
+
+if __name__ == "__main__":  # python -m extract.cli (e.g. under torchrun)
+    sys.exit(main())
