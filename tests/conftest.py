@@ -14,7 +14,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 def shared_data() -> Path:
     """``../shared/data`` (real COCO photos, the original LXMERT TSV, answer tables); skip when absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"reference data not found at {SHARED_DATA} (clone the project beside ../shared to run this)")
+        pytest.skip(
+            f"reference data not found at {SHARED_DATA} (clone the project beside ../shared to run this)"
+        )
     return SHARED_DATA
 
 

@@ -34,7 +34,16 @@ def test_lock_pins_registry_torch_and_detectron2_needs() -> None:
     assert major < 81, "Detectron2 needs pkg_resources: setuptools<81"
     iopath = tuple(int(x) for x in pins["iopath"].split(".")[:3])
     assert iopath < (0, 1, 10)
-    for name in ("fvcore", "pycocotools", "omegaconf", "hydra-core", "yacs", "lmdb", "safetensors", "transformers"):
+    for name in (
+        "fvcore",
+        "pycocotools",
+        "omegaconf",
+        "hydra-core",
+        "yacs",
+        "lmdb",
+        "safetensors",
+        "transformers",
+    ):
         assert name in pins, f"{name} missing from requirements.lock"
 
 
