@@ -41,18 +41,7 @@ sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() !=
 
 NUM_BOXES = 36
 DIM = 2048
-TSV_FIELDS = (
-    "img_id",
-    "img_h",
-    "img_w",
-    "objects_id",
-    "objects_conf",
-    "attrs_id",
-    "attrs_conf",
-    "num_boxes",
-    "boxes",
-    "features",
-)
+from extract.tsv import TSV_FIELDS  # noqa: E402  (after the sys.path fix above)
 
 
 # ------------------------------------------------------------------------------------------------ data

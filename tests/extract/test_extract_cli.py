@@ -13,23 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from extract.cli import main
-from extract.store import FIELDS, FeatureStore, open_metadata, verify_store
+from extract.store import FIELDS, open_metadata, verify_store
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--random-weights", "--config", "vg_tiny", "--min-size", "64", "--max-size", "112", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread, as the subprocesses below (OMP_NUM_THREADS=1): tiny convs, shared CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _images(root: Path, n: int, start: int = 0) -> list[Path]:
@@ -44,16 +34,8 @@ def _images(root: Path, n: int, start: int = 0) -> list[Path]:
     return out
 
 
-def _records(path: Path) -> dict[str, dict]:
-    store = FeatureStore(path)
-    try:
-        return {k: store[k] for k in store}
-    finally:
-        store.close()
-
-
-def _assert_same_store(a: Path, b: Path) -> None:
-    ra, rb = _records(a), _records(b)
+def _assert_same_store(read_records, a: Path, b: Path) -> None:
+    ra, rb = read_records(a), read_records(b)
     assert sorted(ra) == sorted(rb)
     for img_id in ra:
         for f in FIELDS:
@@ -69,7 +51,7 @@ def _cli_env() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ refusals
-def test_duplicate_ids_refused_before_any_work(tmp_path: Path, capsys) -> None:
+def test_duplicate_ids_refused_before_any_work(tmp_path: Path, capsys, read_records) -> None:
     _images(tmp_path / "imgs" / "a", 2)
     _images(tmp_path / "imgs" / "b", 1)  # b/img000.png collides with a/img000.png
     out = tmp_path / "out.lmdb"
@@ -80,7 +62,7 @@ def test_duplicate_ids_refused_before_any_work(tmp_path: Path, capsys) -> None:
     assert not out.exists()
     # keyed by relative path there is no collision
     assert main([str(tmp_path / "imgs"), str(out), *FAST, "--id-from", "relpath", "--workers", "0"]) == 0
-    assert sorted(_records(out)) == ["a/img000", "a/img001", "b/img000"]
+    assert sorted(read_records(out)) == ["a/img000", "a/img001", "b/img000"]
 
 
 def test_weights_and_output_refusals(tmp_path: Path, capsys) -> None:
@@ -141,14 +123,14 @@ def test_bad_arguments_exit_2(tmp_path: Path, capsys) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def test_list_file_relative_to_images_dir_or_list(tmp_path: Path, capsys) -> None:
+def test_list_file_relative_to_images_dir_or_list(tmp_path: Path, capsys, read_records) -> None:
     _images(tmp_path / "data" / "train", 3)
     _images(tmp_path / "data" / "val", 1, start=10)
     listing = tmp_path / "data" / "todo.txt"
     listing.write_text("train/img000.png\ntrain/img002.png\n# skip me\nval/img010.png\nval/missing.png\n")
     out = tmp_path / "list.lmdb"
     assert main(["--list", str(listing), str(out), *FAST, "--workers", "0"]) == 0
-    assert sorted(_records(out)) == ["img000", "img002", "img010"]
+    assert sorted(read_records(out)) == ["img000", "img002", "img010"]
     fails = [json.loads(x) for x in Path(str(out) + ".failures.jsonl").read_text().splitlines()]
     assert [(f["id"], "not found" in f["reason"]) for f in fails] == [("missing", True)]
     assert "3 done, 0 skipped as already present, 1 failed" in capsys.readouterr().out
@@ -158,7 +140,7 @@ def test_list_file_relative_to_images_dir_or_list(tmp_path: Path, capsys) -> Non
     out2 = tmp_path / "rel.lmdb"
     argv = ["--list", str(other), str(tmp_path / "data"), str(out2), *FAST, "--id-from", "relpath"]
     assert main([*argv, "--workers", "0"]) == 0
-    assert sorted(_records(out2)) == ["train/img001"]
+    assert sorted(read_records(out2)) == ["train/img001"]
 
 
 def test_strict_exit_code_and_random_weights_banner(tmp_path: Path, capsys) -> None:
@@ -176,13 +158,15 @@ def test_strict_exit_code_and_random_weights_banner(tmp_path: Path, capsys) -> N
     assert "0 done, 2 skipped as already present, 1 failed" in capsys.readouterr().out
 
 
-def test_real_coco_photos_keep_original_sizes(tmp_path: Path, coco_images: Path, coco_tsv: Path) -> None:
+def test_real_coco_photos_keep_original_sizes(
+    tmp_path: Path, coco_images: Path, coco_tsv: Path, read_records
+) -> None:
     csv.field_size_limit(1 << 30)
     with open(coco_tsv, newline="") as f:
         expected = {row[0]: (int(row[1]), int(row[2])) for row in csv.reader(f, delimiter="\t")}
     out = tmp_path / "coco.lmdb"
     assert main([str(coco_images), str(out), *FAST, "--workers", "2", "--batch-size", "4"]) == 0
-    recs = _records(out)
+    recs = read_records(out)
     assert sorted(recs) == sorted(expected)
     for img_id, (h, w) in expected.items():
         rec = recs[img_id]
@@ -199,7 +183,7 @@ def _count(path: Path) -> int:
         return 0
 
 
-def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, read_records) -> None:
     n = 60
     _images(tmp_path / "imgs", n)
     imgs, out, ref = tmp_path / "imgs", tmp_path / "killed.lmdb", tmp_path / "ref.lmdb"
@@ -220,7 +204,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
             proc.kill()
         proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    committed = len(_records(out))
+    committed = len(read_records(out))
     assert 3 <= committed < n, committed
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=_cli_env(), capture_output=True, text=True, timeout=300)
@@ -230,4 +214,4 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert report.checked == n and not report.bad, report.bad
 
     assert main([str(imgs), str(ref), *FAST, "--batch-size", "1", "--workers", "0"]) == 0
-    _assert_same_store(out, ref)
+    _assert_same_store(read_records, out, ref)

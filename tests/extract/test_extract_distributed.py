@@ -9,32 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from extract.cli import main
-from extract.store import FIELDS, FeatureStore, open_metadata
+from extract.store import FIELDS, open_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
 FAST = ["--random-weights", "--config", "vg_tiny", "--min-size", "64", "--max-size", "112", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """torchrun gives each rank one thread (OMP_NUM_THREADS=1); the reference run uses one too."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _records(path: Path) -> dict[str, dict]:
-    store = FeatureStore(path)
-    try:
-        return {k: store[k] for k in store}
-    finally:
-        store.close()
 
 
 def _make_images(root: Path) -> None:
@@ -47,7 +29,7 @@ def _make_images(root: Path) -> None:
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason=f"{TORCHRUN} not installed")
-def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, capsys) -> None:
+def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, capsys, read_records) -> None:
     _make_images(tmp_path / "imgs")
     one, two = tmp_path / "one.lmdb", tmp_path / "two.lmdb"
     assert main([str(tmp_path / "imgs"), str(one), *FAST, "--workers", "0", "--batch-size", "1"]) == 0
@@ -78,7 +60,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, capsys) -> None:
     assert "2 process(es)" in run.stdout
 
     # batch size 1 on both sides: every record is computed alone, so the values are bit for bit equal
-    a, b = _records(one), _records(two)
+    a, b = read_records(one), read_records(two)
     assert sorted(a) == sorted(b) and len(a) == 9
     for img_id in a:
         for f in FIELDS:
@@ -101,7 +83,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, capsys) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "9 done, 0 skipped as already present, 1 failed" in run.stdout
-    c = _records(two)
+    c = read_records(two)
     assert sorted(c) == sorted(a)
     for img_id in a:
         np.testing.assert_array_equal(a[img_id]["obj_ids"], c[img_id]["obj_ids"])

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from extract.runner import (
@@ -31,15 +30,6 @@ from extract.store import FIELDS, FeatureStore
 SMALL = {"min_size": 64, "max_size": 112}  # tiny resized images keep the detector fast
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these tiny convolutions only lose from threading (and the CI box is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def detector():
     from extract.detector import build_vg_detector, get_detector_cfg
@@ -59,14 +49,6 @@ def _save(path: Path, h: int, w: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
     return path
-
-
-def _records(path: Path) -> dict[str, dict]:
-    store = FeatureStore(path)
-    try:
-        return {k: store[k] for k in store}
-    finally:
-        store.close()
 
 
 # ------------------------------------------------------------------------------------------------ image lists
@@ -150,13 +132,13 @@ def _mixed_images(root: Path) -> list[Path]:
     return [_save(root / f"im{i:02d}.png", h, w, seed=i) for i, (h, w) in enumerate(sizes)]
 
 
-def test_batch_one_equals_batch_n(tmp_path: Path, detector) -> None:
+def test_batch_one_equals_batch_n(tmp_path: Path, detector, read_records) -> None:
     _mixed_images(tmp_path / "imgs")
     items = collect_images(tmp_path / "imgs")
     s1 = run_extraction(_config(tmp_path / "b1.lmdb", batch_size=1), items, detector=detector)
     s4 = run_extraction(_config(tmp_path / "b4.lmdb", batch_size=4, workers=2), items, detector=detector)
     assert s1.done == s4.done == len(items) and s1.failed == s4.failed == 0
-    r1, r4 = _records(tmp_path / "b1.lmdb"), _records(tmp_path / "b4.lmdb")
+    r1, r4 = read_records(tmp_path / "b1.lmdb"), read_records(tmp_path / "b4.lmdb")
     assert sorted(r1) == sorted(r4) == [i.img_id for i in items]
     for img_id in r1:
         a, b = r1[img_id], r4[img_id]
@@ -231,14 +213,14 @@ def _zoo(root: Path) -> tuple[set[str], set[str]]:
     return good, bad
 
 
-def test_bad_file_zoo_nothing_lost_nothing_crashes(tmp_path: Path, detector) -> None:
+def test_bad_file_zoo_nothing_lost_nothing_crashes(tmp_path: Path, detector, read_records) -> None:
     good, bad = _zoo(tmp_path / "zoo")
     items = collect_images(tmp_path / "zoo")
     assert {i.img_id for i in items} == good | bad
     out = tmp_path / "zoo.lmdb"
     summary = run_extraction(_config(out, batch_size=3, workers=2), items, detector=detector)
     assert summary.done == len(good) and summary.failed == len(bad) and summary.skipped == 0
-    recs = _records(out)
+    recs = read_records(out)
     assert set(recs) == good
     assert (recs["rotated"]["img_h"], recs["rotated"]["img_w"]) == (56, 40)  # after EXIF orientation
     assert (recs["dot"]["img_h"], recs["dot"]["img_w"]) == (1, 1)
@@ -276,7 +258,7 @@ class _FlakyDetector:
         return self.real.extract(images, sizes, selection, amp_dtype=amp_dtype)
 
 
-def test_detector_failure_is_isolated_then_retried_on_resume(tmp_path: Path, detector) -> None:
+def test_detector_failure_is_isolated_then_retried_on_resume(tmp_path: Path, detector, read_records) -> None:
     _mixed_images(tmp_path / "imgs")
     items = collect_images(tmp_path / "imgs")
     out = tmp_path / "s.lmdb"
@@ -286,20 +268,20 @@ def test_detector_failure_is_isolated_then_retried_on_resume(tmp_path: Path, det
     assert "simulated CUDA error" in first.failures[0].reason
     (line,) = failures_path(out).read_text().splitlines()
     assert json.loads(line)["id"] == "im07"
-    assert set(_records(out)) == {i.img_id for i in items} - {"im07"}
+    assert set(read_records(out)) == {i.img_id for i in items} - {"im07"}
 
     second = run_extraction(_config(out, batch_size=4), items, detector=detector)
     assert (second.done, second.skipped, second.failed) == (1, len(items) - 1, 0)
     assert failures_path(out).read_text() == ""  # the latest run's failures: none
     ref = tmp_path / "ref.lmdb"
     run_extraction(_config(ref, batch_size=4), items, detector=detector)
-    got, want = _records(out), _records(ref)
+    got, want = read_records(out), read_records(ref)
     assert sorted(got) == sorted(want)
     for k in want:
         np.testing.assert_allclose(got[k]["features"], want[k]["features"], rtol=1e-4, atol=1e-5)
 
 
-def test_interrupt_keeps_committed_records_and_resumes(tmp_path: Path, detector) -> None:
+def test_interrupt_keeps_committed_records_and_resumes(tmp_path: Path, detector, read_records) -> None:
     _mixed_images(tmp_path / "imgs")
     items = collect_images(tmp_path / "imgs")
     out = tmp_path / "s.lmdb"
@@ -307,11 +289,11 @@ def test_interrupt_keeps_committed_records_and_resumes(tmp_path: Path, detector)
         run_extraction(
             _config(out, batch_size=1), items, detector=_FlakyDetector(detector, interrupt_after=4)
         )
-    assert len(_records(out)) == 4
+    assert len(read_records(out)) == 4
     assert not failures_path(out).exists()  # an interrupted run leaves no (partial) failures file
     resumed = run_extraction(_config(out, batch_size=1), items, detector=detector)
     assert (resumed.done, resumed.skipped) == (len(items) - 4, 4)
-    assert len(_records(out)) == len(items)
+    assert len(read_records(out)) == len(items)
 
     again = run_extraction(_config(out, batch_size=2, overwrite=True), items, detector=detector)
     assert (again.done, again.skipped) == (len(items), 0)
