@@ -12,8 +12,10 @@ two without renaming; the math is the same (fp32 outputs agree within 1e-5), the
   query / key / value / output projections run once over the concatenated language + vision tokens;
 - with MLM labels, the vocabulary projection (the largest matmul) runs only at the labelled positions;
   the feature-regression head runs only on regions with a non-zero loss weight;
-- on CPU the word-embedding lookup of a pretraining step sends its gradient as sparse rows into the tied
+- on CPU the word-embedding lookup of a pretraining step adds its gradient rows in place into the tied
   decoder's dense gradient (no second zero-filled vocab x hidden buffer);
+- under CPU bf16 autocast, linear layers applied to few rows (the heads, the pruned last layer) run in
+  float32: cheaper there than autocast's fresh bf16 copy of the weight and float32 copy of its gradient;
 - nothing is copied for the two directions of the cross-attention (tokens are stacked as rows, split
   as contiguous blocks).
 
@@ -208,6 +210,113 @@ class LxmertDropout(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Linear layers
+# --------------------------------------------------------------------------------------------------------------
+#: Under CPU bf16 autocast, a linear layer applied to at most this many rows runs in float32 instead.
+CPU_FP32_MAX_ROWS = 256
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear``, except under CPU bf16 autocast for few rows (at most :data:`CPU_FP32_MAX_ROWS`): float32.
+
+    Autocast casts the float32 weight into a fresh bf16 tensor every step and its bf16 gradient into a fresh
+    float32 one; on CPU these large fresh buffers are page-faulted in each time, which costs ~5 ns per weight
+    element, while the float32 matmuls (forward and both backward ones) cost more than bf16 only in
+    proportion to the rows. With LXMERT's heads (MLM vocabulary projection at the masked tokens, QA / matching
+    heads and pooler on [CLS], the last layer's language side at [CLS] + masked tokens) float32 is faster and
+    more accurate. The output is then float32 (later bf16 layers cast it as autocast does).
+    """
+    if (
+        x.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and x.numel() <= CPU_FP32_MAX_ROWS * x.shape[-1]
+        and torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    ):
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.float(), weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class LxmertLinear(nn.Linear):
+    """``nn.Linear`` (same parameters, same names) computed by :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tied word embeddings / MLM decoder with one dense gradient
+# --------------------------------------------------------------------------------------------------------------
+class _TiedGradient:
+    """Carries the MLM decoder's dense weight gradient to the word-embedding lookup's backward (one graph)."""
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+
+class _TiedLookup(torch.autograd.Function):
+    """Word-embedding lookup (``padding_idx`` 0) whose backward adds its rows into the decoder's dense gradient.
+
+    The lookup's backward runs after the decoder's (the decoder depends on it), so the tied matrix gets ONE
+    dense, contiguous gradient: no sparse rows, no second vocab x H buffer, no copy when the two are summed.
+    Without a decoder gradient (only other losses back-propagated) the rows go into a zero matrix.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input_ids: Tensor, weight: Tensor, tied: _TiedGradient) -> Tensor:
+        ctx.save_for_backward(input_ids)
+        ctx.tied, ctx.weight_shape, ctx.weight_dtype = tied, weight.shape, weight.dtype
+        return F.embedding(input_ids, weight, padding_idx=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, None]:
+        if not ctx.needs_input_grad[1]:
+            return None, None, None
+        (input_ids,) = ctx.saved_tensors
+        total, ctx.tied.grad = ctx.tied.grad, None
+        if total is None:
+            total = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad.device)
+        ids = input_ids.reshape(-1)
+        rows = grad.reshape(ids.shape[0], -1)
+        keep = (ids != 0).nonzero().squeeze(1)
+        total.index_add_(0, ids.index_select(0, keep), rows.index_select(0, keep).to(total.dtype))
+        return None, total, None
+
+
+class _TiedDecoder(torch.autograd.Function):
+    """``h @ W.T + b`` for the tied decoder; ``W``'s gradient goes to the :class:`_TiedLookup` of the same step.
+
+    Computes in ``dtype`` (float32, or bf16 under autocast for many rows); the weight gradient is float32.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, h: Tensor, weight: Tensor, bias: Tensor, tied: _TiedGradient, dtype: torch.dtype
+    ) -> Tensor:
+        x = h.reshape(-1, h.shape[-1]).to(dtype)
+        w = weight.to(dtype)
+        out = torch.addmm(bias.to(dtype), x, w.t())
+        ctx.save_for_backward(x, w)
+        ctx.tied, ctx.h_shape, ctx.h_dtype = tied, h.shape, h.dtype
+        return out.view(*h.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:
+        x, w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
+        grad_h = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.mm(g, w).view(ctx.h_shape).to(ctx.h_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(g.t(), x).float()  # (vocab, H), contiguous like the weight
+            ctx.tied.grad = grad_w if ctx.tied.grad is None else ctx.tied.grad + grad_w
+        if ctx.needs_input_grad[2]:
+            grad_b = g.sum(0, dtype=torch.float32)
+        return grad_h, None, grad_b, None, None
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------------------------
 class LxmertEmbeddings(nn.Module):
@@ -253,9 +362,9 @@ class LxmertAttention(nn.Module):
         super().__init__()
         self.num_attention_heads = config.num_attention_heads
         self.attention_head_size = config.head_dim
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query = LxmertLinear(config.hidden_size, config.hidden_size)
+        self.key = LxmertLinear(config.hidden_size, config.hidden_size)
+        self.value = LxmertLinear(config.hidden_size, config.hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
 
     def _heads(self, x: Tensor) -> Tensor:
@@ -315,7 +424,7 @@ class LxmertAttentionOutput(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = LxmertLinear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LxmertDropout(config.hidden_dropout_prob)
 
@@ -414,7 +523,7 @@ class LxmertIntermediate(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = LxmertLinear(config.hidden_size, config.intermediate_size)
         self.intermediate_act_fn = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -426,7 +535,7 @@ class LxmertOutput(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dense = LxmertLinear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LxmertDropout(config.hidden_dropout_prob)
 
@@ -498,9 +607,9 @@ class LxmertVisualFeatureEncoder(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.visn_fc = nn.Linear(config.visual_feat_dim, config.hidden_size)
+        self.visn_fc = LxmertLinear(config.visual_feat_dim, config.hidden_size)
         self.visn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.box_fc = nn.Linear(config.visual_pos_dim, config.hidden_size)
+        self.box_fc = LxmertLinear(config.visual_pos_dim, config.hidden_size)
         self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LxmertDropout(config.hidden_dropout_prob)
 
@@ -575,7 +684,7 @@ class LxmertPooler(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = LxmertLinear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -587,7 +696,7 @@ class LxmertPredictionHeadTransform(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = LxmertLinear(config.hidden_size, config.hidden_size)
         self.transform_act_fn = _ACTIVATIONS[config.hidden_act]
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -601,12 +710,19 @@ class LxmertLMPredictionHead(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.transform = LxmertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = LxmertLinear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        """``(..., H)`` -> ``(..., vocab)`` logits."""
-        return F.linear(self.transform(hidden_states), self.decoder.weight, self.bias)
+    def forward(self, hidden_states: Tensor, tied: _TiedGradient | None = None) -> Tensor:
+        """``(..., H)`` -> ``(..., vocab)`` logits. ``tied``: the decoder's weight gradient goes to the
+        word-embedding lookup of the same step (:class:`_TiedLookup`)."""
+        h = self.transform(hidden_states)
+        if tied is None:
+            return linear(h, self.decoder.weight, self.bias)
+        dtype = torch.float32
+        if torch.is_autocast_enabled(h.device.type) and h.numel() > CPU_FP32_MAX_ROWS * h.shape[-1]:
+            dtype = torch.get_autocast_dtype(h.device.type)
+        return _TiedDecoder.apply(h, self.decoder.weight, self.bias, tied, dtype)
 
 
 class LxmertPreTrainingHeads(nn.Module):
@@ -615,7 +731,7 @@ class LxmertPreTrainingHeads(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.predictions = LxmertLMPredictionHead(config)
-        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+        self.seq_relationship = LxmertLinear(config.hidden_size, 2)
 
     def forward(self, sequence_output: Tensor, pooled_output: Tensor) -> tuple[Tensor, Tensor]:
         return self.predictions(sequence_output), self.seq_relationship(pooled_output)
@@ -638,10 +754,10 @@ class LxmertVisualAnswerHead(nn.Module):
         super().__init__()
         hid = config.hidden_size * 2
         self.logit_fc = nn.Sequential(
-            nn.Linear(in_dim or config.hidden_size, hid),
+            LxmertLinear(in_dim or config.hidden_size, hid),
             GeLU(),
             nn.LayerNorm(hid, eps=config.layer_norm_eps),
-            nn.Linear(hid, num_labels),
+            LxmertLinear(hid, num_labels),
         )
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -661,7 +777,7 @@ class LxmertVisualObjHead(nn.Module):
             sizes["attr"] = config.num_attr_labels
         if config.visual_feat_loss:
             sizes["feat"] = config.visual_feat_dim
-        self.decoder_dict = nn.ModuleDict({k: nn.Linear(config.hidden_size, n) for k, n in sizes.items()})
+        self.decoder_dict = nn.ModuleDict({k: LxmertLinear(config.hidden_size, n) for k, n in sizes.items()})
 
     def forward(self, hidden_states: Tensor) -> dict[str, Tensor]:
         """``(B, V, H)`` -> ``{"obj": (B, V, 1600), "attr": (B, V, 400), "feat": (B, V, F)}``."""
@@ -883,26 +999,28 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
 
         With MLM labels (and no hidden states / attentions asked for) the last cross-modality layer computes
         its language side only at [CLS] and the labelled tokens, which is all the losses use. On CPU the
-        word-embedding gradient of such a step arrives as sparse rows that sum with the tied decoder's dense
-        one: back-propagate ``loss`` (or any sum including ``losses["mlm"]``) so ``.grad`` stays dense.
+        tied word-embedding / decoder matrix gets one dense gradient (the lookup's rows added into the decoder's),
+        whichever losses are back-propagated.
         """
         config = self.config
         use_labels = labels is not None and config.task_mask_lm
         word_embeddings = self.lxmert.embeddings.word_embeddings
+        tied = None
         if (
             use_labels
+            and not full_mlm_logits
             and input_ids is not None
             and inputs_embeds is None
             and input_ids.device.type == "cpu"
-            and config.tie_word_embeddings
+            and self.cls.predictions.decoder.weight is word_embeddings.weight
             and torch.is_grad_enabled()
             and word_embeddings.weight.requires_grad
             and not torch.compiler.is_compiling()
         ):
-            # The tied decoder already gives the word-embedding matrix a dense gradient in this backward, so the
-            # lookup's gradient is passed as sparse rows and added into it, instead of a second dense
-            # (vocab, H) zero-filled buffer plus a full-size add (costly on CPU). The summed .grad is dense.
-            inputs_embeds = F.embedding(input_ids, word_embeddings.weight, padding_idx=0, sparse=True)
+            # One dense gradient for the tied matrix: the decoder's, with the lookup's rows added in place (see
+            # _TiedLookup), instead of two vocab x H gradients summed (costly on CPU).
+            tied = _TiedGradient()
+            inputs_embeds = _TiedLookup.apply(input_ids, word_embeddings.weight, tied)
             input_ids = None
         masked_index = None
         prune = False
@@ -933,7 +1051,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                 masked_states = lang[pooled.shape[0] :]
             else:
                 masked_states = lang.reshape(-1, lang.shape[-1]).index_select(0, masked_index)
-            prediction_logits = mlm_head(masked_states)
+            prediction_logits = mlm_head(masked_states, tied)
             losses["mlm"] = _masked_mean_ce(prediction_logits, flat_labels.index_select(0, masked_index))
         else:
             prediction_logits = mlm_head(lang)
