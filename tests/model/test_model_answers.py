@@ -61,18 +61,9 @@ def test_answer_tables_and_matches(shared_data):
 
 def test_transfer_copies_rows(shared_data):
     pretrain, vqa, _, _ = _tables(shared_data)
-    config = LxmertConfig(
-        hidden_size=16,
-        num_attention_heads=2,
-        intermediate_size=32,
-        l_layers=1,
-        r_layers=1,
-        x_layers=1,
-        vocab_size=50,
-    )
     torch.manual_seed(0)
-    source = LxmertForPreTraining(LxmertConfig(**{**_fields(config), "num_qa_labels": 9500}))
-    target = LxmertForQuestionAnswering(LxmertConfig(**{**_fields(config), "num_qa_labels": len(vqa)}))
+    source = LxmertForPreTraining(_small_config(num_qa_labels=9500))
+    target = LxmertForQuestionAnswering(_small_config(num_qa_labels=len(vqa)))
     report = transfer_answer_head(source.answer_head, target.answer_head, pretrain, vqa)
     assert report.total == 3129 and report.matched == 3129 - len(report.unmatched)
     mapping = answer_index_map(pretrain, vqa)
@@ -87,21 +78,15 @@ def test_transfer_copies_rows(shared_data):
     assert "3129" in report.summary()
 
 
-def _fields(config):
-    return {k: v for k, v in config.to_dict().items() if k not in ("model_type", "num_hidden_layers")}
+def _small_config(**overrides) -> LxmertConfig:
+    fields = dict(
+        hidden_size=16, num_attention_heads=2, intermediate_size=32, l_layers=1, r_layers=1, x_layers=1
+    )
+    return LxmertConfig(**{**fields, "vocab_size": 50, **overrides})
 
 
 def test_qa_model_from_pretraining_checkpoint(tmp_path):
-    config = LxmertConfig(
-        hidden_size=16,
-        num_attention_heads=2,
-        intermediate_size=32,
-        l_layers=1,
-        r_layers=1,
-        x_layers=1,
-        vocab_size=50,
-        num_qa_labels=4,
-    )
+    config = _small_config(num_qa_labels=4)
     torch.manual_seed(0)
     pretrained = LxmertForPreTraining(config)
     pretrained.save_pretrained(tmp_path)
