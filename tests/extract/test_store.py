@@ -433,13 +433,21 @@ def test_dataloader_two_workers(tmp_path):
 
 
 def _corrupt_on_disk(path, needle: bytes, replacement: bytes) -> None:
+    """Overwrite every copy of ``needle`` in data.mdb (LMDB's copy-on-write may leave stale copies of a page
+    in free pages, so the live one is not necessarily the only one)."""
+    assert len(needle) == len(replacement)
     data_file = os.path.join(path, "data.mdb")
     with open(data_file, "r+b") as fh:
         data = fh.read()
+        positions = []
         pos = data.find(needle)
-        assert pos >= 0 and data.find(needle, pos + 1) < 0, "needle must occur exactly once"
-        fh.seek(pos)
-        fh.write(replacement)
+        while pos >= 0:
+            positions.append(pos)
+            pos = data.find(needle, pos + 1)
+        assert positions, f"{needle[:16]!r}... not found in {data_file}"
+        for pos in positions:
+            fh.seek(pos)
+            fh.write(replacement)
 
 
 def test_verify_detects_corrupt_bytes_on_disk(tmp_path):
