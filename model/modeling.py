@@ -419,17 +419,24 @@ class LxmertAttention(nn.Module):
         )
 
 
-class LxmertAttentionOutput(nn.Module):
-    """Output projection, dropout, residual LayerNorm: ``LN(dropout(dense(x)) + input)``."""
+class LxmertResidualOutput(nn.Module):
+    """Projection to the hidden size, dropout, residual LayerNorm: ``LN(dropout(dense(x)) + input)``."""
 
-    def __init__(self, config: LxmertConfig) -> None:
+    def __init__(self, config: LxmertConfig, in_features: int) -> None:
         super().__init__()
-        self.dense = LxmertLinear(config.hidden_size, config.hidden_size)
+        self.dense = LxmertLinear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = LxmertDropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class LxmertAttentionOutput(LxmertResidualOutput):
+    """Attention output projection (hidden -> hidden) with residual LayerNorm."""
+
+    def __init__(self, config: LxmertConfig) -> None:
+        super().__init__(config, config.hidden_size)
 
 
 class LxmertSelfAttentionLayer(nn.Module):
@@ -530,17 +537,11 @@ class LxmertIntermediate(nn.Module):
         return self.intermediate_act_fn(self.dense(hidden_states))
 
 
-class LxmertOutput(nn.Module):
-    """Feed-forward contraction with residual LayerNorm: ``LN(dropout(dense(x)) + input)``."""
+class LxmertOutput(LxmertResidualOutput):
+    """Feed-forward contraction (intermediate -> hidden) with residual LayerNorm."""
 
     def __init__(self, config: LxmertConfig) -> None:
-        super().__init__()
-        self.dense = LxmertLinear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = LxmertDropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
-        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+        super().__init__(config, config.intermediate_size)
 
 
 class LxmertLayer(nn.Module):
