@@ -24,6 +24,7 @@ from .modeling import (
     LxmertModelOutput,
     LxmertPreTrainedModel,
 )
+from .runtime import tune_cpu_allocator
 from .tokenizer import LxmertTokenizer
 
 __all__ = [
@@ -47,4 +48,5 @@ __all__ = [
     "to_hf_state_dict",
     "to_original_state_dict",
     "transfer_answer_head",
+    "tune_cpu_allocator",
 ]
