@@ -84,7 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes"
     )
-    g.add_argument("--batch-size", type=_positive_int, default=4, help="images per detector forward")
+    g.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per detector forward (default: 4 on CUDA; 1 on CPU, where batching gains nothing)",
+    )
     g.add_argument("--device", type=_device, default=None, help="cuda | cpu (default: cuda when available)")
     g.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none", help="autocast dtype")
     g.add_argument("--features-dtype", choices=("float32", "float16"), default="float32", help="stored dtype")
@@ -92,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--strict", action="store_true", help="exit 1 when any image failed")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
+
+
+def default_batch_size(device: str | None) -> int:
+    """4 images per forward on CUDA; 1 on CPU (no faster batched there, and cheaper in memory)."""
+    import torch
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return 1 if device.split(":")[0] == "cpu" else 4
 
 
 def config_from_args(args: argparse.Namespace):
@@ -126,7 +140,7 @@ def config_from_args(args: argparse.Namespace):
         max_size=args.max_size,
         max_pixels=args.max_pixels,
         workers=args.workers,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or default_batch_size(args.device),
         device=args.device,
         amp=args.amp,
         features_dtype=args.features_dtype,

@@ -908,7 +908,15 @@ def _extract_pending(
             writer_thread.submit((sample["img_id"], sample["path"], record))
             bar.update(1)
 
-    for sample in loader:
+    samples = iter(loader)  # forks the DataLoader workers
+    if device.type == "cpu" and config.batch_size == 1:
+        # One image per forward allocates alike every time: keeping freed memory saves the page faults
+        # (~1.5x on CPU). Larger batches vary in shape, so the kept heap would fragment: left alone. After
+        # the fork: the heap kept from now on is the parent's own (no copy-on-write with the workers).
+        from model.runtime import tune_cpu_allocator
+
+        tune_cpu_allocator()
+    for sample in samples:
         if sample["error"] is not None:
             fail(sample, sample["error"])
             continue

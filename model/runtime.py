@@ -6,8 +6,11 @@ freed (``munmap`` for blocks above the mmap threshold, ``trim`` of the heap top)
 every page in again and the kernel zeroes it: on a 2-core machine that is 0.2-1 s of system time per step,
 a third of a bf16 step. :func:`tune_cpu_allocator` keeps freed memory in the process instead (the standard
 advice for PyTorch on CPU, what jemalloc/tcmalloc with no decay achieve): peak memory is unchanged, the
-process just does not shrink after its peak. ``lxmert-train`` calls it on CPU; call it yourself at the start
-of your own training script (it affects the whole process, whatever model runs in it).
+process just does not shrink after its peak. Best where every step allocates the same sizes (a training
+step, one image per forward): with varying sizes the kept heap fragments and its peak can exceed the stock
+one. ``extract-features`` calls it on CPU at batch size 1 (after forking its loader workers, so that they
+share no heap pages with it); call it at the start of a CPU training script (it affects the whole process,
+whatever model runs in it).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ _M_MMAP_MAX = -4
 
 _STATE: dict[str, bool] = {}
 
-#: Set to ``0`` to leave the allocator alone (``lxmert-train`` and the benchmarks honour it).
+#: Set to ``0`` to leave the allocator alone.
 ENV_DISABLE = "LXMERT_TUNE_MALLOC"
 
 

@@ -8,13 +8,12 @@
 #   WEIGHTS=/path/faster_rcnn_from_caffe_attr.pkl   detector weights; without it the detector runs with
 #                                                   random weights (a demo of the chain, not real features)
 #   CONFIG=vg_r101_c4 | vg_tiny | file.yaml         detector config (default: the full VG R101-C4 model)
-#   DEVICE=cuda|cpu  BATCH_SIZE=4  WORKERS=2  AMP=none|fp16|bf16
+#   DEVICE=cuda|cpu  BATCH_SIZE (default: 4 on CUDA, 1 on CPU)  WORKERS=2  AMP=none|fp16|bf16
 set -Eeuo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 IMAGES="${1:-$ROOT/demo/images}"
 OUT="${2:-$ROOT/outputs/demo}"
 CONFIG="${CONFIG:-vg_r101_c4}"
-BATCH_SIZE="${BATCH_SIZE:-4}"
 WORKERS="${WORKERS:-2}"
 AMP="${AMP:-none}"
 STEP="start"
@@ -34,11 +33,12 @@ else
 fi
 device_args=()
 [ -n "${DEVICE:-}" ] && device_args=(--device "$DEVICE")
+[ -n "${BATCH_SIZE:-}" ] && device_args+=(--batch-size "$BATCH_SIZE")
 
 STEP="extract-features $IMAGES -> $STORE"
 echo "[full_run] step 1/3: extract region features from $IMAGES"
 "$BIN/extract-features" "$IMAGES" "$STORE" "${weight_args[@]}" --config "$CONFIG" \
-  --batch-size "$BATCH_SIZE" --workers "$WORKERS" --amp "$AMP" "${device_args[@]}"
+  --workers "$WORKERS" --amp "$AMP" "${device_args[@]}"
 
 STEP="lxmert-features verify $STORE"
 echo "[full_run] step 2/3: verify every record of the store"

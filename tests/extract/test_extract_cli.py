@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract.cli import main
+from extract.cli import build_parser, config_from_args, main
 from extract.store import FIELDS, open_metadata, verify_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,6 +120,17 @@ def test_bad_arguments_exit_2(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main([str(tmp_path), str(tmp_path / "o.lmdb"), "--amp", "fp8"])
     assert info.value.code == 2
+
+
+def test_default_batch_size_follows_the_device() -> None:
+    def batch(*extra: str) -> int:
+        args = build_parser().parse_args(["imgs", "out.lmdb", "--random-weights", *extra])
+        return config_from_args(args)[0].batch_size
+
+    assert batch("--device", "cpu") == 1
+    assert batch("--device", "cuda") == 4
+    assert batch("--device", "cuda:1") == 4
+    assert batch("--device", "cpu", "--batch-size", "8") == 8
 
 
 # ------------------------------------------------------------------------------------------------ inputs
