@@ -55,14 +55,16 @@ def add_vg_config(cfg: CfgNode) -> CfgNode:
       ``"detectron2"`` (stock k3 s2 p1 floor).
     - ``MODEL.ROI_ATTRIBUTE_HEAD.{NUM_ATTRIBUTES, EMBED_DIM, HIDDEN_DIM}``: 400 real attributes (+1 "no
       attribute" output, LAST), class embedding 256, hidden 512.
-    - ``MODEL.ROI_BOX_HEAD.RES5_CHUNK``: regions per res5 forward in :meth:`VGDetector.extract` (memory cap).
+    - ``MODEL.ROI_BOX_HEAD.RES5_CHUNK``: regions per res5 forward in :meth:`VGDetector.extract` (memory cap);
+      0 = automatic: 1024 on a GPU, on CPU one image's proposals (``RPN.POST_NMS_TOPK_TEST``, 300), so
+      every chunk allocates alike whatever the batch (the CPU allocator then reuses its memory).
     """
     cfg.MODEL.RESNETS.STEM_POOL = "caffe"
     cfg.MODEL.ROI_ATTRIBUTE_HEAD = CfgNode()
     cfg.MODEL.ROI_ATTRIBUTE_HEAD.NUM_ATTRIBUTES = 400
     cfg.MODEL.ROI_ATTRIBUTE_HEAD.EMBED_DIM = 256
     cfg.MODEL.ROI_ATTRIBUTE_HEAD.HIDDEN_DIM = 512
-    cfg.MODEL.ROI_BOX_HEAD.RES5_CHUNK = 1024
+    cfg.MODEL.ROI_BOX_HEAD.RES5_CHUNK = 0
     return cfg
 
 
@@ -316,6 +318,13 @@ class VGDetector(nn.Module):
         return feats, [p.proposal_boxes for p in proposals]
 
     @torch.no_grad()
+    def res5_chunk(self, device: torch.device) -> int:
+        """Regions per res5 forward: ``MODEL.ROI_BOX_HEAD.RES5_CHUNK``, or for 0 the automatic choice."""
+        chunk = int(self.cfg.MODEL.ROI_BOX_HEAD.RES5_CHUNK)
+        if chunk > 0:
+            return chunk
+        return 1024 if device.type == "cuda" else int(self.cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
+
     def extract(
         self,
         images: list[torch.Tensor],
@@ -376,9 +385,7 @@ class VGDetector(nn.Module):
                 counts = [len(b) for b in boxes]
                 for i, b, p in zip(idxs, boxes, pooled_group.split(counts)):
                     proposals[i], pooled[i] = b, p
-            region = self.roi_heads.region_features(
-                torch.cat(pooled), chunk=int(self.cfg.MODEL.ROI_BOX_HEAD.RES5_CHUNK)
-            )
+            region = self.roi_heads.region_features(torch.cat(pooled), chunk=self.res5_chunk(device))
             cls_logits, deltas, attr_logits = self.roi_heads.box_predictor(region)
         region, cls_logits, deltas, attr_logits = (
             t.float() for t in (region, cls_logits, deltas, attr_logits)

@@ -8,8 +8,8 @@ a third of a bf16 step. :func:`tune_cpu_allocator` keeps freed memory in the pro
 advice for PyTorch on CPU, what jemalloc/tcmalloc with no decay achieve): peak memory is unchanged, the
 process just does not shrink after its peak. Best where every step allocates the same sizes (a training
 step, one image per forward): with varying sizes the kept heap fragments and its peak can exceed the stock
-one. ``extract-features`` calls it on CPU at batch size 1 (after forking its loader workers, so that they
-share no heap pages with it); call it at the start of a CPU training script (it affects the whole process,
+one. ``extract-features`` calls it on CPU (after forking its loader workers, so that they share no heap
+pages with it; its res5 head then runs one image's regions at a time so that sizes repeat); call it at the start of a CPU training script (it affects the whole process,
 whatever model runs in it).
 """
 

@@ -238,6 +238,22 @@ def test_batch_composition_does_not_change_records(tiny: VGDetector) -> None:
     assert not np.array_equal(batched[0]["boxes"], batched[2]["boxes"])
 
 
+def test_res5_chunk_choice_and_chunking_does_not_change_features(tiny: VGDetector) -> None:
+    topk = int(tiny.cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
+    assert int(tiny.cfg.MODEL.ROI_BOX_HEAD.RES5_CHUNK) == 0  # automatic by default
+    assert tiny.res5_chunk(torch.device("cpu")) == topk  # one image's proposals per chunk on CPU
+    assert tiny.res5_chunk(torch.device("cuda")) == 1024
+    g = torch.Generator().manual_seed(3)
+    channels, size = tiny.roi_heads.res5[0].in_channels, int(tiny.cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION)
+    pooled = torch.rand(11, channels, size, size, generator=g)
+    with torch.no_grad():
+        whole = tiny.roi_heads.region_features(pooled, chunk=0)
+        chunked = tiny.roi_heads.region_features(pooled, chunk=4)  # chunks of 4, 4, 3
+    assert chunked.shape == whole.shape == (11, tiny.feature_dim)
+    torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
+    assert whole.abs().max() > 0
+
+
 def test_tiny_image_with_few_proposals_gives_a_short_valid_record() -> None:
     model = build_vg_detector(get_detector_cfg("vg_tiny", ["MODEL.RPN.POST_NMS_TOPK_TEST", "10"]))
     for rule in ("caffe", "maxnms"):
