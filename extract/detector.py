@@ -317,7 +317,6 @@ class VGDetector(nn.Module):
         proposals, _ = self.proposal_generator(images, {self.in_feature: feats})
         return feats, [p.proposal_boxes for p in proposals]
 
-    @torch.no_grad()
     def res5_chunk(self, device: torch.device) -> int:
         """Regions per res5 forward: ``MODEL.ROI_BOX_HEAD.RES5_CHUNK``, or for 0 the automatic choice."""
         chunk = int(self.cfg.MODEL.ROI_BOX_HEAD.RES5_CHUNK)
@@ -325,6 +324,7 @@ class VGDetector(nn.Module):
             return chunk
         return 1024 if device.type == "cuda" else int(self.cfg.MODEL.RPN.POST_NMS_TOPK_TEST)
 
+    @torch.no_grad()
     def extract(
         self,
         images: list[torch.Tensor],
