@@ -5,12 +5,12 @@ autocast, the float32 gradients). glibc's ``malloc`` hands big blocks back to th
 freed (``munmap`` for blocks above the mmap threshold, ``trim`` of the heap top), so the next step faults
 every page in again and the kernel zeroes it: on a 2-core machine that is 0.2-1 s of system time per step,
 a third of a bf16 step. :func:`tune_cpu_allocator` keeps freed memory in the process instead (the standard
-advice for PyTorch on CPU, what jemalloc/tcmalloc with no decay achieve): peak memory is unchanged, the
-process just does not shrink after its peak. Best where every step allocates the same sizes (a training
-step, one image per forward): with varying sizes the kept heap fragments and its peak can exceed the stock
-one. ``extract-features`` calls it on CPU (after forking its loader workers, so that they share no heap
-pages with it; its res5 head then runs one image's regions at a time so that sizes repeat); call it at the start of a CPU training script (it affects the whole process,
-whatever model runs in it).
+advice for PyTorch on CPU, what jemalloc/tcmalloc with no decay achieve): the process does not shrink after
+its peak. Best where every step allocates the same sizes (a training step, one image per forward); with
+sizes that vary a lot the kept heap fragments and its peak can exceed the stock one. ``extract-features``
+calls it on CPU (after forking its loader workers, so that they share no heap pages with it; its res5 head
+runs one image's regions per chunk there, so that sizes repeat). Call it at the start of a CPU training
+script; it affects the whole process, whatever model runs in it.
 """
 
 from __future__ import annotations
