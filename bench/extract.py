@@ -231,6 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     for d in dtypes:
         if d not in DTYPE_TO_AMP:
             p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPE_TO_AMP)}")
+    if device.type == "cpu":
+        from model.runtime import cpu_autocast_warning
+
+        for d in list(dtypes):
+            slow = cpu_autocast_warning(AMP_DTYPES[DTYPE_TO_AMP[d]])
+            if slow is not None and args.dtypes is None:
+                print(f"{d} left out: {slow} (ask for it with --dtypes to time it anyway)")
+                dtypes.remove(d)
+            elif slow is not None:
+                print(f"warning: {d}: {slow}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     workers = args.workers if args.workers is not None else min(4, psutil.cpu_count() or 1)
 

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+DEFAULT_DTYPES = "fp32,bf16"
 SIZES = dict(l_layers=9, x_layers=5, r_layers=5, hidden_size=768, num_qa_labels=9500)
 
 
@@ -213,7 +214,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best counts")
-    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--dtypes", default=DEFAULT_DTYPES, help="on CPU, bf16 only where it is native")
     parser.add_argument(
         "--impls",
         default=None,
@@ -237,15 +238,25 @@ def main() -> None:
     impls = args.impls.split(",") + (["ours+compile"] if args.compile else [])
     dtypes = args.dtypes.split(",")
     n = 8192 if args.device.startswith("cuda") else 2048
-    peaks = {
-        "fp32": matmul_peak(args.device, torch.float32, n),
-        "bf16": matmul_peak(args.device, torch.bfloat16, n),
-    }
+    peaks = {"fp32": matmul_peak(args.device, torch.float32, n), "bf16": float("nan")}
+    if args.device == "cpu" and "bf16" in dtypes:
+        from model.runtime import cpu_autocast_warning
+
+        slow = cpu_autocast_warning(torch.bfloat16)
+        if slow is not None and args.dtypes == DEFAULT_DTYPES:
+            print(f"bf16 left out: {slow} (ask for it with --dtypes bf16 to time it anyway)")
+            dtypes.remove("bf16")
+        elif slow is not None:
+            print(f"warning: bf16: {slow}")
+    if "bf16" in dtypes:
+        peaks["bf16"] = matmul_peak(args.device, torch.bfloat16, n)
     print(
         f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.tokens} tokens, {args.regions} regions"
     )
     print(
-        f"matmul peak ({n}^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True
+        f"matmul peak ({n}^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
+        f"(CPU capability {torch.backends.cpu.get_cpu_capability()})" if args.device == "cpu" else "",
+        flush=True,
     )
     results: dict[tuple[str, str], dict] = {}
     for round_index in range(args.rounds):

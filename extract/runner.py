@@ -799,6 +799,11 @@ def _run(
             file=sys.stderr,
             flush=True,
         )
+        from model.runtime import cpu_autocast_warning
+
+        slow = cpu_autocast_warning(config.amp_dtype) if device.type == "cpu" else None
+        if slow is not None:
+            print(f"extract-features: warning: --amp {config.amp}: {slow}", file=sys.stderr, flush=True)
 
     failures: list[Failure] = []
     writer_thread = _StoreWriterThread(writer, config.writer_queue)  # starts with the first record

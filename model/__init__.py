@@ -24,7 +24,7 @@ from .modeling import (
     LxmertModelOutput,
     LxmertPreTrainedModel,
 )
-from .runtime import tune_cpu_allocator
+from .runtime import cpu_autocast_is_fast, tune_cpu_allocator
 from .tokenizer import LxmertTokenizer
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "LxmertModelOutput",
     "LxmertPreTrainedModel",
     "LxmertTokenizer",
+    "cpu_autocast_is_fast",
     "load_answer_table",
     "normalize_answer",
     "qa_model_from_pretraining",

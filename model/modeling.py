@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LxmertConfig
+from .runtime import cpu_autocast_warning
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +147,22 @@ def compute_dtype(reference: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return reference.dtype
+
+
+_WARNED_SLOW_AUTOCAST: set[torch.dtype] = set()
+
+
+def warn_if_slow_cpu_autocast(device: torch.device) -> None:
+    """Warn once per dtype when CPU autocast is on to a dtype this CPU has no native matmul for."""
+    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        return
+    dtype = torch.get_autocast_dtype("cpu")
+    if dtype in _WARNED_SLOW_AUTOCAST:
+        return
+    _WARNED_SLOW_AUTOCAST.add(dtype)
+    message = cpu_autocast_warning(dtype)
+    if message is not None:
+        warnings.warn(f"LXMERT: {message}", RuntimeWarning, stacklevel=3)
 
 
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -907,6 +925,7 @@ class LxmertModel(LxmertPreTrainedModel):
                 f"LxmertModel: visual_feats {tuple(visual_feats.shape)} and visual_pos {tuple(visual_pos.shape)} "
                 "disagree on (batch, regions)"
             )
+        warn_if_slow_cpu_autocast(visual_feats.device)
         embedding = self.embeddings(input_ids, token_type_ids, inputs_embeds)
         dtype = compute_dtype(embedding)
         lang_mask = additive_mask(attention_mask, dtype)

@@ -169,6 +169,22 @@ def test_strict_exit_code_and_random_weights_banner(tmp_path: Path, capsys) -> N
     assert "0 done, 2 skipped as already present, 1 failed" in capsys.readouterr().out
 
 
+def test_amp_without_native_support_on_cpu_is_flagged(tmp_path: Path, capsys, monkeypatch) -> None:
+    import torch
+
+    from model import runtime
+
+    _images(tmp_path / "imgs", 1)
+    imgs = str(tmp_path / "imgs")
+    monkeypatch.setattr(runtime, "cpu_autocast_is_fast", lambda dtype: dtype == torch.float32)
+    argv = [*FAST, "--workers", "0", "--device", "cpu"]
+    assert main([imgs, str(tmp_path / "a.lmdb"), *argv, "--amp", "bf16"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --amp bf16" in err and "float32" in err
+    assert main([imgs, str(tmp_path / "b.lmdb"), *argv]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_real_coco_photos_keep_original_sizes(
     tmp_path: Path, coco_images: Path, coco_tsv: Path, read_records
 ) -> None:
