@@ -237,8 +237,11 @@ def main() -> None:
         args.impls = "hf,hf+malloc,ours" if args.device == "cpu" else "hf,ours"
     impls = args.impls.split(",") + (["ours+compile"] if args.compile else [])
     dtypes = args.dtypes.split(",")
-    n = 8192 if args.device.startswith("cuda") else 2048
-    peaks = {"fp32": matmul_peak(args.device, torch.float32, n), "bf16": float("nan")}
+    print(
+        f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.tokens} tokens, "
+        f"{args.regions} regions"
+        + (f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if args.device == "cpu" else "")
+    )
     if args.device == "cpu" and "bf16" in dtypes:
         from model.runtime import cpu_autocast_warning
 
@@ -248,15 +251,12 @@ def main() -> None:
             dtypes.remove("bf16")
         elif slow is not None:
             print(f"warning: bf16: {slow}")
+    n = 8192 if args.device.startswith("cuda") else 2048
+    peaks = {"fp32": matmul_peak(args.device, torch.float32, n), "bf16": float("nan")}
     if "bf16" in dtypes:
         peaks["bf16"] = matmul_peak(args.device, torch.bfloat16, n)
     print(
-        f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.tokens} tokens, {args.regions} regions"
-    )
-    print(
-        f"matmul peak ({n}^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s",
-        f"(CPU capability {torch.backends.cpu.get_cpu_capability()})" if args.device == "cpu" else "",
-        flush=True,
+        f"matmul peak ({n}^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True
     )
     results: dict[tuple[str, str], dict] = {}
     for round_index in range(args.rounds):
