@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from model import LxmertForPreTraining
-from model.modeling import fast_dropout
+from model.modeling import LanguagePacking, fast_dropout
 
 LABEL_KEYS = ("labels", "matched_label", "ans", "obj_labels")
 
@@ -88,3 +88,75 @@ def test_linear_small_rows_run_in_float32_under_cpu_autocast():
     y_few.sum().backward()
     assert layer.weight.grad.dtype == torch.float32 and few.grad.dtype == torch.float32
     assert layer(few).dtype == torch.float32  # no autocast: plain float32
+
+
+def _grads_and_loss(model, inputs) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+_COVERS = LanguagePacking.covers
+
+
+def _packing_spy(monkeypatch, enabled: bool = True) -> list[int]:
+    """Counts the forwards that ran packed; ``enabled=False`` makes every forward run unpacked."""
+    used: list[int] = []
+
+    def spy(self, flat):
+        ok = enabled and _COVERS(self, flat)
+        if ok:
+            used.append(self.index.numel())
+        return ok
+
+    monkeypatch.setattr(LanguagePacking, "covers", spy)
+    return used
+
+
+def test_packed_language_side_gives_the_same_loss_and_gradients(tiny_config, tiny_batch, monkeypatch):
+    """Skipping padded tokens (CPU pretraining / task heads) changes no loss, score or gradient."""
+    from model import LxmertForNLVR2, LxmertForQuestionAnswering
+
+    torch.manual_seed(0)
+    model = LxmertForPreTraining(tiny_config).eval()  # eval: no dropout, so both runs see the same math
+    real = int(tiny_batch["attention_mask"].sum())
+    assert real < tiny_batch["attention_mask"].numel()  # the batch has padding
+
+    packed = _packing_spy(monkeypatch)
+    loss_p, grads_p = _grads_and_loss(model, tiny_batch)
+    assert packed == [real]
+    assert not _packing_spy(monkeypatch, enabled=False)
+    loss_u, grads_u = _grads_and_loss(model, tiny_batch)
+    assert abs(loss_p - loss_u) < 1e-5
+    assert grads_p.keys() == grads_u.keys()
+    for name, grad in grads_u.items():
+        assert (grads_p[name] - grad).abs().max().item() < 1e-5, name
+
+    # An MLM label on a padded position: that token must be computed, so the forward runs unpacked.
+    labels = tiny_batch["labels"].clone()
+    labels[0, 8] = 5  # row 0 has 6 real tokens
+    packed = _packing_spy(monkeypatch)
+    model(**{**tiny_batch, "labels": labels})
+    assert packed == []
+
+    # Task heads read [CLS] only: packed too, same scores / loss / gradients.
+    inputs = {k: tiny_batch[k] for k in ("input_ids", "attention_mask", "visual_feats", "visual_pos")}
+    qa = LxmertForQuestionAnswering(tiny_config).eval()
+    qa_inputs = {**inputs, "labels": tiny_batch["ans"].clamp(min=0)}
+    nlvr2 = LxmertForNLVR2(tiny_config).eval()
+    pair_inputs = {
+        **inputs,
+        "visual_feats": torch.stack([inputs["visual_feats"], inputs["visual_feats"].flip(0)], 1),
+        "visual_pos": torch.stack([inputs["visual_pos"], inputs["visual_pos"].flip(0)], 1),
+        "labels": torch.tensor([0, 1, 1]),
+    }
+    for head, head_inputs in ((qa, qa_inputs), (nlvr2, pair_inputs)):
+        packed = _packing_spy(monkeypatch)
+        loss_p, grads_p = _grads_and_loss(head, head_inputs)
+        assert len(packed) == 1, type(head).__name__
+        _packing_spy(monkeypatch, enabled=False)
+        loss_u, grads_u = _grads_and_loss(head, head_inputs)
+        assert abs(loss_p - loss_u) < 1e-5
+        for name, grad in grads_u.items():
+            assert (grads_p[name] - grad).abs().max().item() < 1e-5, (type(head).__name__, name)
