@@ -15,6 +15,7 @@ what the model does. ``x HF`` is always against stock ``hf``.
     python bench/model_step.py                     # CPU, fp32 and bf16 autocast, 2 rounds x (2 warm-up + 3 steps)
     python bench/model_step.py --device cuda --steps 20 --warmup 5
     python bench/model_step.py --compile           # also time torch.compile'd ours
+    python bench/model_step.py --task vqa          # a VQA fine-tuning step (LxmertForQuestionAnswering) instead
 """
 
 from __future__ import annotations
@@ -36,11 +37,29 @@ sys.path.insert(0, str(ROOT))
 
 DEFAULT_DTYPES = "fp32,bf16"
 SIZES = dict(l_layers=9, x_layers=5, r_layers=5, hidden_size=768, num_qa_labels=9500)
+VQA_ANSWERS = 3129
 
 
-def make_batch(batch: int, tokens: int, regions: int, device: str, seed: int = 0) -> dict:
-    """Random inputs and pretraining labels with LXMERT's masking rates (same for every model)."""
+def make_batch(
+    batch: int, tokens: int, regions: int, device: str, seed: int = 0, task: str = "pretrain"
+) -> dict:
+    """Random inputs and labels (same for every model): pretraining labels with LXMERT's masking rates, or
+    for ``task="vqa"`` question-length sentences (6..14 tokens with [CLS] / [SEP]) and answer indices."""
     g = torch.Generator().manual_seed(seed)
+    if task == "vqa":
+        lengths = torch.randint(6, min(14, tokens) + 1, (batch,), generator=g)
+        attention_mask = (torch.arange(tokens)[None] < lengths[:, None]).long()
+        input_ids = torch.randint(1000, 30522, (batch, tokens), generator=g) * attention_mask
+        input_ids[:, 0] = 101
+        input_ids[torch.arange(batch), lengths - 1] = 102
+        out = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            visual_feats=torch.rand(batch, regions, 2048, generator=g) * 2,
+            visual_pos=torch.rand(batch, regions, 4, generator=g),
+            labels=torch.randint(0, VQA_ANSWERS, (batch,), generator=g),
+        )
+        return {k: v.to(device) for k, v in out.items()}
     lengths = torch.randint(8, tokens + 1, (batch,), generator=g)
     attention_mask = (torch.arange(tokens)[None] < lengths[:, None]).long()
     input_ids = torch.randint(1000, 30522, (batch, tokens), generator=g) * attention_mask
@@ -92,17 +111,19 @@ def make_batch(batch: int, tokens: int, regions: int, device: str, seed: int = 0
     return move(out)
 
 
-def build(impl: str, device: str, compile_model: bool):
+def build(impl: str, device: str, compile_model: bool, task: str = "pretrain"):
     torch.manual_seed(0)
+    sizes = SIZES if task == "pretrain" else {**SIZES, "num_qa_labels": VQA_ANSWERS}
+    name = "LxmertForPreTraining" if task == "pretrain" else "LxmertForQuestionAnswering"
     if impl.startswith("hf"):
         import transformers
 
-        model = transformers.LxmertForPreTraining(transformers.LxmertConfig(**SIZES))
+        model = getattr(transformers, name)(transformers.LxmertConfig(**sizes))
         opt_kwargs = {}
     else:
-        from model import LxmertConfig, LxmertForPreTraining
+        import model as ours
 
-        model = LxmertForPreTraining(LxmertConfig(**SIZES))
+        model = getattr(ours, name)(ours.LxmertConfig(**sizes))
         opt_kwargs = {"fused": True}
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6, **opt_kwargs)
@@ -120,8 +141,8 @@ def worker(args: argparse.Namespace) -> None:
         from model.runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
-    model, optimizer = build(args.impl, device, args.compile)
-    batch = make_batch(args.batch, args.tokens, args.regions, device)
+    model, optimizer = build(args.impl, device, args.compile, args.task)
+    batch = make_batch(args.batch, args.tokens, args.regions, device, task=args.task)
     autocast = (
         torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
         if args.dtype == "bf16"
@@ -210,6 +231,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--task",
+        choices=("pretrain", "vqa"),
+        default="pretrain",
+        help="pretrain: LxmertForPreTraining, all losses; vqa: LxmertForQuestionAnswering (3129 answers, "
+        "questions of 6..14 tokens)",
+    )
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--regions", type=int, default=36)
@@ -238,7 +266,8 @@ def main() -> None:
     impls = args.impls.split(",") + (["ours+compile"] if args.compile else [])
     dtypes = args.dtypes.split(",")
     print(
-        f"device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, {args.tokens} tokens, "
+        f"{args.task} step, device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, "
+        f"{args.tokens} tokens, "
         f"{args.regions} regions"
         + (f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if args.device == "cpu" else "")
     )
@@ -265,7 +294,7 @@ def main() -> None:
             for impl in impls:
                 cmd = [sys.executable, __file__, "--worker", impl, dtype, "--device", args.device]
                 cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-                cmd += ["--tokens", str(args.tokens), "--regions", str(args.regions)]
+                cmd += ["--tokens", str(args.tokens), "--regions", str(args.regions), "--task", args.task]
                 if args.no_flops or impl != "hf" or round_index > 0:
                     cmd.append("--no-flops")
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())

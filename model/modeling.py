@@ -574,6 +574,20 @@ class LxmertCrossAttentionLayer(nn.Module):
         ctx, probs = self.att(input_tensor, ctx_tensor, ctx_att_mask, output_attentions)
         return self.output(ctx, input_tensor), probs
 
+    def language_only(
+        self, lang: Tensor, visn: Tensor, visn_mask: Tensor | None, packing: LanguagePacking | None = None
+    ) -> Tensor:
+        """Only the language side of :meth:`both_directions` (for a last layer whose vision side is unread):
+        queries from ``lang`` (B, L, H) (or packed ``(T, H)``), keys / values from ``visn`` (B, V, H)."""
+        att = self.att
+        hidden = visn.shape[-1]
+        lang_rows = lang.reshape(-1, hidden)
+        q = att.query(lang_rows)
+        q = q.view(lang.shape) if packing is None else packing.pad(q)
+        ctx, _ = att.attend(q, att.key(visn), att.value(visn), visn_mask)
+        ctx = ctx.reshape(-1, hidden) if packing is None else packing.pack(ctx)
+        return self.output(ctx, lang_rows).view(lang.shape)
+
     def both_directions(
         self,
         lang: Tensor,
@@ -676,23 +690,37 @@ class LxmertXLayer(nn.Module):
         output_attentions: bool = False,
         lang_rows: Tensor | None = None,
         packing: LanguagePacking | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        vision: bool = True,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(B, L, H)``, ``(B, V, H)`` -> same shapes, plus the language->vision probabilities when asked.
 
         ``lang_rows`` (N,) flat indices into ``B * L``: compute the language side after the cross-attention
         only there; the language output is then ``(N, H)``. ``packing``: the language side is given (and
-        returned) as packed ``(T, H)`` rows.
+        returned) as packed ``(T, H)`` rows. ``vision=False``: the vision side is not computed (returned as
+        None; the language side needs only the incoming vision states).
         """
-        lang, visn, probs = self.visual_attention.both_directions(
-            lang_feats, lang_attention_mask, visual_feats, visual_attention_mask, output_attentions, packing
-        )
+        if vision:
+            lang, visn, probs = self.visual_attention.both_directions(
+                lang_feats,
+                lang_attention_mask,
+                visual_feats,
+                visual_attention_mask,
+                output_attentions,
+                packing,
+            )
+        else:
+            lang = self.visual_attention.language_only(
+                lang_feats, visual_feats, visual_attention_mask, packing
+            )
+            visn = probs = None
         if lang_rows is None:
             lang, _ = self.lang_self_att(lang, lang_attention_mask, packing=packing)
         else:
             lang = self.lang_self_att.forward_rows(lang, lang_attention_mask, lang_rows, packing)
-        visn, _ = self.visn_self_att(visn, visual_attention_mask)
         lang = self.lang_output(self.lang_inter(lang), lang)
-        visn = self.visn_output(self.visn_inter(visn), visn)
+        if visn is not None:
+            visn, _ = self.visn_self_att(visn, visual_attention_mask)
+            visn = self.visn_output(self.visn_inter(visn), visn)
         return lang, visn, probs
 
 
@@ -737,11 +765,13 @@ class LxmertEncoder(nn.Module):
         output_hidden_states: bool = False,
         lang_rows: Tensor | None = None,
         packing: LanguagePacking | None = None,
+        vision_output: bool = True,
     ) -> LxmertModelOutput:
         """Embedded tokens ``(B, L, H)`` and raw regions ``(B, V, F)``, ``(B, V, 4)``; additive masks.
 
         ``lang_rows``: see :meth:`LxmertXLayer.forward` (applies to the last cross-modality layer).
         ``packing``: ``lang_feats`` are packed ``(T, H)`` rows, and so are the language states.
+        ``vision_output=False``: the last cross-modality layer skips its vision side (``vision_output`` None).
         """
         lang_states: list[Tensor] = []
         visn_states: list[Tensor] = []
@@ -762,7 +792,14 @@ class LxmertEncoder(nn.Module):
         for i, layer in enumerate(self.x_layers):
             rows = lang_rows if i == last else None
             lang, visn, probs = layer(
-                lang, lang_attention_mask, visn, visual_attention_mask, output_attentions, rows, packing
+                lang,
+                lang_attention_mask,
+                visn,
+                visual_attention_mask,
+                output_attentions,
+                rows,
+                packing,
+                vision=vision_output or i != last,
             )
             lang_states.append(lang)
             visn_states.append(visn)
@@ -987,6 +1024,7 @@ class LxmertModel(LxmertPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         language_rows: Tensor | None = None,
+        vision_output: bool = True,
     ) -> LxmertModelOutput | tuple[Tensor, ...]:
         """``input_ids`` (B, L) WordPiece ids (or ``inputs_embeds`` (B, L, H)); ``visual_feats`` (B, V, F);
         ``visual_pos`` (B, V, 4) boxes in [0, 1]; ``attention_mask`` (B, L) and ``visual_attention_mask``
@@ -997,6 +1035,10 @@ class LxmertModel(LxmertPreTrainedModel):
         the B [CLS] rows and these, and ``language_output`` is ``(B + N, H)``: the [CLS] rows, then these.
         On CPU, with padding in ``attention_mask`` and all these rows real tokens, the language side then also
         skips the padded tokens throughout (:class:`LanguagePacking`); the outputs are the same.
+
+        ``vision_output=False`` (advanced, used by the QA / NLVR2 heads, which read only the pooled output):
+        the last cross-modality layer skips its vision side and ``vision_output`` is None. Ignored when
+        hidden states or attentions are asked for.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LxmertModel: give exactly one of input_ids (B, L) or inputs_embeds (B, L, H)")
@@ -1047,6 +1089,7 @@ class LxmertModel(LxmertPreTrainedModel):
             output_hidden_states=bool(output_hidden_states),
             lang_rows=rows,
             packing=packing,
+            vision_output=vision_output or bool(output_hidden_states) or bool(output_attentions),
         )
         if rows is None:
             out.pooled_output = self.pooler(out.language_output)
@@ -1293,6 +1336,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             language_rows=_cls_only_rows(self.config, output_hidden_states, output_attentions),
+            vision_output=False,
         )
         score = self.answer_head(out.pooled_output)
         loss = None
@@ -1364,6 +1408,7 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
             else visual_attention_mask.flatten(0, 1),
             token_type_ids=pair(token_type_ids),
             language_rows=_cls_only_rows(self.config, False, False),
+            vision_output=False,
         )
         pooled = out.pooled_output.reshape(b, -1)
         logits = self.answer_head(pooled)

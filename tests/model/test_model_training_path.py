@@ -160,3 +160,29 @@ def test_packed_language_side_gives_the_same_loss_and_gradients(tiny_config, tin
         assert abs(loss_p - loss_u) < 1e-5
         for name, grad in grads_u.items():
             assert (grads_p[name] - grad).abs().max().item() < 1e-5, (type(head).__name__, name)
+
+
+def test_task_heads_skip_the_unread_vision_side_of_the_last_layer(tiny_config, tiny_batch):
+    """QA / NLVR2 read only the pooled output: the last cross-modality layer's vision side is not run, and
+    LxmertModel(vision_output=False) gives the same pooled output with vision_output None."""
+    from model import LxmertForQuestionAnswering, LxmertModel
+
+    torch.manual_seed(0)
+    qa = LxmertForQuestionAnswering(tiny_config).eval()
+    calls: list[str] = []
+    for i, layer in enumerate(qa.lxmert.encoder.x_layers):
+        layer.visn_self_att.register_forward_hook(lambda *a, i=i: calls.append(f"x{i}"))
+    inputs = {k: tiny_batch[k] for k in ("input_ids", "attention_mask", "visual_feats", "visual_pos")}
+    qa(**inputs)
+    last = len(qa.lxmert.encoder.x_layers) - 1
+    assert calls == [f"x{i}" for i in range(last)]
+    calls.clear()
+    qa(**inputs, output_hidden_states=True)  # hidden states asked for: every layer whole
+    assert calls == [f"x{i}" for i in range(last + 1)]
+
+    model = LxmertModel(tiny_config).eval()
+    full = model(**inputs)
+    rows = torch.empty(0, dtype=torch.long)
+    lean = model(**inputs, language_rows=rows, vision_output=False)
+    assert lean.vision_output is None and full.vision_output is not None
+    assert (lean.pooled_output - full.pooled_output).abs().max().item() < 1e-5
