@@ -11,7 +11,8 @@ Formats recognised (the format is detected from the files and keys, never assume
 - ``original-finetuned``: the original VQA / GQA / NLVR2 code's ``BEST.pth``: ``lxrt_encoder.model.bert.*``
   and ``logit_fc.*`` (mapped to ``answer_head.logit_fc.*``).
 
-Any of them may carry a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix, or be
+A name like ``unc-nlp/lxmert-base-uncased`` that is no local path is looked up on the Hugging Face Hub
+(its local cache first; see :func:`hub_snapshot`). Any of them may carry a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix, or be
 wrapped as ``{"model": state_dict, ...}`` / ``{"state_dict": ...}``. Torch pickles are read with
 ``weights_only=True`` only.
 """
@@ -121,6 +122,52 @@ def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
     )
 
 
+#: ``owner/name``: a Hugging Face Hub repository id (tried only when no such local path exists).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_FILES = [
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+]
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local folder of Hugging Face Hub model ``repo_id`` (e.g. ``unc-nlp/lxmert-base-uncased``).
+
+    Through ``huggingface_hub``: from its cache (``HF_HOME`` / ``HF_HUB_CACHE``), downloading only the config
+    and weights files when they are missing and the network allows; with ``HF_HUB_OFFLINE=1`` from the cache
+    only. Raises ``FileNotFoundError`` saying what to do when neither gives it.
+    """
+    import os
+
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover - transformers brings it
+        raise FileNotFoundError(
+            f"{repo_id}: no such local path, and huggingface_hub is not installed to look it up on the Hub"
+        ) from e
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=_HUB_FILES,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            local_files_only=offline,
+        )
+    except Exception as e:  # offline and not cached, no network, no such repository, ...
+        where = "the Hugging Face cache" if offline else "the Hugging Face Hub nor its cache"
+        raise FileNotFoundError(
+            f"{repo_id}: no such local file or directory, and not found in {where} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a checkpoint directory "
+            f"(config.json + model.safetensors) or file, or fetch it first with "
+            f"`hf download {repo_id}` where the network allows"
+        ) from e
+    logger.info("%s: Hugging Face Hub snapshot at %s", repo_id, folder)
+    return Path(folder)
+
+
 def read_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, Tensor], LxmertConfig | None, str]:
@@ -128,6 +175,8 @@ def read_checkpoint(
 
     Returns ``(state_dict, config, container)``; ``container`` says which files were read.
     """
+    if not Path(path).exists() and _HUB_ID.match(str(path)):
+        path = hub_snapshot(str(path))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")

@@ -214,3 +214,28 @@ def test_config_json_both_ways(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="bad.json: model_type is 'bert'"):
         LxmertConfig.load(tmp_path / "bad.json")
+
+
+def test_hub_id_resolves_from_the_hugging_face_cache(tiny_config, tmp_path, monkeypatch):
+    """``from_pretrained("owner/name")`` with no such local path: the Hub cache's snapshot (offline here)."""
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--unc-nlp--lxmert-tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    torch.manual_seed(0)
+    saved = LxmertForPreTraining(tiny_config)
+    saved.save_pretrained(repo / "snapshots" / commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)  # no local folder of that name
+
+    ours = LxmertForPreTraining.from_pretrained("unc-nlp/lxmert-tiny")
+    _assert_same_weights(ours, saved)
+
+    with pytest.raises(FileNotFoundError, match=r"unc-nlp/lxmert-missing: .*Hugging Face cache.*hf download"):
+        LxmertModel.from_pretrained("unc-nlp/lxmert-missing")
+    # A local folder of that name wins over the Hub.
+    local = tmp_path / "unc-nlp" / "lxmert-missing"
+    ours.save_pretrained(local)
+    assert LxmertModel.from_pretrained("unc-nlp/lxmert-missing").config.hidden_size == tiny_config.hidden_size
