@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,8 +141,6 @@ def hub_snapshot(repo_id: str) -> Path:
     and weights files when they are missing and the network allows; with ``HF_HUB_OFFLINE=1`` from the cache
     only. Raises ``FileNotFoundError`` saying what to do when neither gives it.
     """
-    import os
-
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - transformers brings it
