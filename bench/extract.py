@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from common.cpu import tune_cpu_allocator  # noqa: E402
 from extract.images import load_image  # noqa: E402
 from extract.runner import (  # noqa: E402
     AMP_DTYPES,
@@ -50,7 +51,6 @@ from extract.runner import (  # noqa: E402
     run_extraction,
 )
 from extract.store import FeatureWriter  # noqa: E402
-from model.runtime import tune_cpu_allocator  # noqa: E402
 
 DTYPE_TO_AMP = {"fp32": "none", "fp16": "fp16", "bf16": "bf16"}
 MODE_NAMES = {"loop": "per-image loop", "loop+malloc": "per-image loop + malloc", "runner": "batched runner"}
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DTYPE_TO_AMP:
             p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPE_TO_AMP)}")
     if device.type == "cpu":
-        from model.runtime import cpu_autocast_warning
+        from common.cpu import cpu_autocast_warning
 
         for d in list(dtypes):
             slow = cpu_autocast_warning(AMP_DTYPES[DTYPE_TO_AMP[d]])

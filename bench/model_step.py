@@ -137,8 +137,8 @@ def worker(args: argparse.Namespace) -> None:
 
     device = args.device
     if device == "cpu" and args.impl in ("ours", "hf+malloc"):
-        # What lxmert-train does on CPU (model/runtime.py); "hf+malloc" gives Hugging Face the same setting.
-        from model.runtime import tune_cpu_allocator
+        # What lxmert-train does on CPU (common/cpu.py); "hf+malloc" gives Hugging Face the same setting.
+        from common.cpu import tune_cpu_allocator
 
         tune_cpu_allocator()
     model, optimizer = build(args.impl, device, args.compile, args.task)
@@ -272,7 +272,7 @@ def main() -> None:
         + (f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if args.device == "cpu" else "")
     )
     if args.device == "cpu" and "bf16" in dtypes:
-        from model.runtime import cpu_autocast_warning
+        from common.cpu import cpu_autocast_warning
 
         slow = cpu_autocast_warning(torch.bfloat16)
         if slow is not None and args.dtypes == DEFAULT_DTYPES:

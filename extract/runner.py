@@ -21,7 +21,6 @@ Data flow for one process (one torchrun rank)::
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import queue
@@ -38,6 +37,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.cpu import cpu_autocast_warning, tune_cpu_allocator
+from common.distributed import DeviceError, DistContext, resolve_device
 from extract.images import ImageError, is_image_file, load_image
 from extract.selection import BoxSelection
 
@@ -291,76 +292,6 @@ def extractor_settings(config: ExtractConfig, weights_sha256: str | None) -> dic
         "max_size": config.max_size,
         "amp": config.amp,
     }
-
-
-# -------------------------------------------------------------------------------------------- distributed
-@dataclass
-class DistContext:
-    """Rank / world of this process. ``world_size == 1``: a plain single process, no process group."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls, device_type: str) -> DistContext:
-        """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; init the process group (gloo on CPU, nccl on CUDA)
-        only when WORLD_SIZE > 1 and no group exists yet."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        owns = False
-        if not dist.is_initialized():
-            if device_type == "cuda":
-                torch.cuda.set_device(local)
-            # long timeout: ranks meet only at the start and the end, and shards can take hours apart on resume
-            dist.init_process_group(
-                backend="nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(days=7)
-            )
-            owns = True
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, owns_group=owns)
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order (just ``[obj]`` for one process)."""
-        if self.world_size == 1:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            self.all_gather(None)
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-            self.owns_group = False
-
-
-def resolve_device(device: str | None, dist_ctx: DistContext | None = None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU; under torchrun CUDA means ``cuda:LOCAL_RANK``."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SetupError("--device cuda was asked for but CUDA is not available; use --device cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", dist_ctx.local_rank if dist_ctx is not None else 0)
-    return dev
 
 
 # ------------------------------------------------------------------------------------------ data loading
@@ -759,7 +690,10 @@ def run_extraction(
         dist_ctx = DistContext.from_env(want)
     try:
         if detector is None:
-            device = resolve_device(config.device, dist_ctx)
+            try:
+                device = resolve_device(config.device, dist_ctx)
+            except DeviceError as e:
+                raise SetupError(str(e)) from None
         else:
             device = torch.device(getattr(detector, "device", device or "cpu"))
         weights_sha = _weights_sha256(config)
@@ -799,7 +733,6 @@ def _run(
             file=sys.stderr,
             flush=True,
         )
-        from model.runtime import cpu_autocast_warning
 
         slow = cpu_autocast_warning(config.amp_dtype) if device.type == "cpu" else None
         if slow is not None:
@@ -919,7 +852,6 @@ def _extract_pending(
         # again (~1.5x on CPU). The res5 head runs one image's proposals per chunk on CPU, so the sizes
         # repeat whatever the batch. After the fork: the heap kept from now on is the parent's own (no
         # copy-on-write with the workers).
-        from model.runtime import tune_cpu_allocator
 
         tune_cpu_allocator()
     for sample in samples:

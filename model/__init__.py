@@ -4,6 +4,8 @@
 >>> model = LxmertForPreTraining(LxmertConfig(l_layers=1, r_layers=1, x_layers=1))
 """
 
+from common.cpu import cpu_autocast_is_fast, tune_cpu_allocator
+
 from .answers import (
     AnswerHeadTransfer,
     load_answer_table,
@@ -24,7 +26,6 @@ from .modeling import (
     LxmertModelOutput,
     LxmertPreTrainedModel,
 )
-from .runtime import cpu_autocast_is_fast, tune_cpu_allocator
 from .tokenizer import LxmertTokenizer
 
 __all__ = [

@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.cpu import cpu_autocast_warning
+
 from .config import LxmertConfig
-from .runtime import cpu_autocast_warning
 
 logger = logging.getLogger(__name__)
 

@@ -172,7 +172,7 @@ def test_strict_exit_code_and_random_weights_banner(tmp_path: Path, capsys) -> N
 def test_amp_without_native_support_on_cpu_is_flagged(tmp_path: Path, capsys, monkeypatch) -> None:
     import torch
 
-    from model import runtime
+    from common import cpu as runtime
 
     _images(tmp_path / "imgs", 1)
     imgs = str(tmp_path / "imgs")

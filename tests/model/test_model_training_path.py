@@ -186,3 +186,38 @@ def test_task_heads_skip_the_unread_vision_side_of_the_last_layer(tiny_config, t
     lean = model(**inputs, language_rows=rows, vision_output=False)
     assert lean.vision_output is None and full.vision_output is not None
     assert (lean.pooled_output - full.pooled_output).abs().max().item() < 1e-5
+
+
+def test_slow_cpu_autocast_warns_once_and_names_the_remedy(tiny_config, tiny_batch, monkeypatch) -> None:
+    import warnings
+
+    import torch
+
+    from common import cpu as runtime
+    from model import LxmertForPreTraining, modeling
+
+    monkeypatch.setattr(modeling, "_WARNED_SLOW_AUTOCAST", set())
+    model = LxmertForPreTraining(tiny_config).eval()
+    batch = {k: v for k, v in tiny_batch.items() if k in ("input_ids", "visual_feats", "visual_pos")}
+
+    # float32 never warns; nor does bf16 autocast on a CPU that has native bf16.
+    monkeypatch.setattr(runtime, "cpu_autocast_is_fast", lambda dtype: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(**batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch)
+
+    # Without native bf16: one warning per process, however many forwards.
+    monkeypatch.setattr(modeling, "_WARNED_SLOW_AUTOCAST", set())
+    monkeypatch.setattr(runtime, "cpu_autocast_is_fast", lambda dtype: dtype == torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(**batch)
+            model(**batch)
+        model(**batch)
+    slow = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(slow) == 1, [str(w.message) for w in caught]
+    text = str(slow[0].message)
+    assert "bf16" in text and "float32" in text and torch.backends.cpu.get_cpu_capability() in text

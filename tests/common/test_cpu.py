@@ -1,4 +1,4 @@
-"""model.runtime.tune_cpu_allocator: freed memory stays in the process (measured by page faults)."""
+"""common.cpu: freed memory stays in the process (measured by page faults); the slow-autocast check."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = r"""
 import ctypes, json, resource, sys
 sys.path.insert(0, sys.argv[1])
-from model.runtime import tune_cpu_allocator
+from common.cpu import tune_cpu_allocator
 tuned = tune_cpu_allocator() if sys.argv[2] == "1" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -75,44 +75,10 @@ def test_tuning_can_be_switched_off_by_environment():
     assert result["faults"][-1] > (256 << 20) // 4096 // 2, result
 
 
-def test_slow_cpu_autocast_warns_once_and_names_the_remedy(tiny_config, tiny_batch, monkeypatch) -> None:
-    import warnings
-
-    import torch
-
-    from model import LxmertForPreTraining, modeling, runtime
-
-    monkeypatch.setattr(modeling, "_WARNED_SLOW_AUTOCAST", set())
-    model = LxmertForPreTraining(tiny_config).eval()
-    batch = {k: v for k, v in tiny_batch.items() if k in ("input_ids", "visual_feats", "visual_pos")}
-
-    # float32 never warns; nor does bf16 autocast on a CPU that has native bf16.
-    monkeypatch.setattr(runtime, "cpu_autocast_is_fast", lambda dtype: True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        model(**batch)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(**batch)
-
-    # Without native bf16: one warning per process, however many forwards.
-    monkeypatch.setattr(modeling, "_WARNED_SLOW_AUTOCAST", set())
-    monkeypatch.setattr(runtime, "cpu_autocast_is_fast", lambda dtype: dtype == torch.float32)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(**batch)
-            model(**batch)
-        model(**batch)
-    slow = [w for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(slow) == 1, [str(w.message) for w in caught]
-    text = str(slow[0].message)
-    assert "bf16" in text and "float32" in text and torch.backends.cpu.get_cpu_capability() in text
-
-
 def test_cpu_autocast_speed_flags_agree_with_onednn() -> None:
     import torch
 
-    from model.runtime import cpu_autocast_is_fast, cpu_autocast_warning
+    from common.cpu import cpu_autocast_is_fast, cpu_autocast_warning
 
     assert cpu_autocast_is_fast(torch.float32) and cpu_autocast_warning(torch.float32) is None
     assert cpu_autocast_warning(None) is None

@@ -1,0 +1,254 @@
+"""One config system: nested dataclasses, filled from a YAML file and ``key=value`` command-line overrides.
+
+A config is a tree of dataclasses with typed fields and defaults (the only place a default lives). A YAML
+file gives any subset of the keys; ``section.key=value`` overrides (value read as YAML, so ``1e-4``,
+``[a.lmdb, b.lmdb]``, ``true`` and ``null`` mean what they look like) are applied on top. Unknown keys and
+values of the wrong type are refused with a :class:`ConfigError` naming the key, where it came from and what
+was expected.
+
+>>> @dataclass
+... class Optim:
+...     lr: float = 1e-4
+>>> @dataclass
+... class Root:
+...     optim: Optim = field(default_factory=Optim)
+>>> load_config(Root, None, ["optim.lr=5e-5"]).optim.lr
+5e-05
+
+Supported field types: ``bool``, ``int``, ``float`` (an int is accepted), ``str``, ``Literal[...]`` (the
+allowed values; :func:`field_choices` gives them to argparse), ``X | None``, ``list[X]``,
+``dict[str, X]`` and nested dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+    "field_choices",
+    "field_default",
+    "load_config",
+    "save_config",
+]
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the config's dataclasses."""
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        return f"a list of {_type_name(inner)}"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of its keys"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    """``value`` (from YAML) checked / converted to the annotated type ``tp``; ConfigError otherwise."""
+    bad = ConfigError(f"{where}: {key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, where)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and inner is str:
+            return [str(value)]  # a single path where a list is expected: `data.features=coco.lmdb`
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        return [_convert(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        _, inner = typing.get_args(tp) or (str, Any)
+        return {str(k): _convert(v, inner, f"{key}.{k}", where) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return config_from_dict(tp, value, where=where, prefix=key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise ConfigError(f"{where}: {key}: unsupported field type {tp!r}")
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "<dict>", prefix: str = "") -> T:
+    """Build ``cls`` from a (possibly partial) nested dict; defaults fill what is missing."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {data!r}")
+    fields = _fields(cls)
+    hints = _hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {prefix}{unknown[0]!s}"
+            f" (known keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)})"
+        )
+    kwargs = {name: _convert(value, hints[name], prefix + name, where) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:  # a __post_init__ check
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The plain nested dict of a config (what :func:`save_config` writes)."""
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict[str, Any], cls: type, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    node, node_cls = data, cls
+    for i, part in enumerate(parts):
+        fields = _fields(node_cls) if node_cls is not None and dataclasses.is_dataclass(node_cls) else None
+        if fields is not None and part not in fields:
+            prefix = ".".join(parts[:i])
+            raise ConfigError(
+                f"{where}: unknown key {dotted} (known keys under {prefix or 'the top level'}: {', '.join(fields)})"
+            )
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        child_tp = _hints(node_cls)[part] if fields is not None else None
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+        node_cls = child_tp if dataclasses.is_dataclass(child_tp) else None
+
+
+def apply_overrides(cls: type, data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``data`` (a nested dict) with every ``key.sub=VALUE`` of ``overrides`` set (VALUE read as YAML)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE (e.g. optim.lr=1e-4)")
+        key, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        _set_dotted(data, cls, key.strip(), value, f"override {item!r}")
+    return data
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """``cls`` from the YAML file ``path`` (optional) with ``overrides`` applied, fully type-checked."""
+    data: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read the config file {path}: {e.strerror or e}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = apply_overrides(cls, data, list(overrides))
+        where = f"{where} + overrides"
+    return config_from_dict(cls, data, where=where)
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically: temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def field_choices(cls: type, name: str) -> tuple[Any, ...]:
+    """The allowed values of a ``Literal[...]`` field (for argparse ``choices=``)."""
+    tp = _hints(cls)[name]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is not Literal:
+        raise TypeError(f"{cls.__name__}.{name} is not a Literal field")
+    return typing.get_args(tp)
+
+
+def field_default(cls: type, name: str) -> Any:
+    """The default of a dataclass field (for argparse ``default=`` / help texts): one source of truth."""
+    f = _fields(cls)[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"{cls.__name__}.{name} has no default")

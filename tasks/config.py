@@ -1,0 +1,111 @@
+"""The training config: one dataclass tree for every task (pretrain, vqa, gqa, nlvr2), read from YAML.
+
+``lxmert-train TASK --config FILE.yaml [KEY=VALUE ...]`` fills :class:`TrainConfig` through
+:func:`common.config.load_config`; every default lives here and nowhere else. ``RUN_DIR/config.yaml`` is
+the resolved config of a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+TaskName = Literal["pretrain", "vqa", "gqa", "nlvr2"]
+AmpName = Literal["auto", "none", "bf16", "fp16"]
+
+
+@dataclass
+class DataConfig:
+    """Inputs. Paths are as given (relative to the working directory)."""
+
+    train: list[str] = field(default_factory=list)  # LXMERT JSON files (pretraining or task items)
+    valid: str = ""  # one JSON file, or empty for no validation
+    features: list[str] = field(default_factory=list)  # feature stores; an image id is looked up in each
+    answers: str = ""  # answer table: all_ans.json (pretraining) or trainval_label2ans.json (VQA / GQA)
+    qa_sets: list[str] = field(default_factory=list)  # pretraining: keep only answers of these datasets
+    batch_size: int = 32  # the GLOBAL batch (over all processes and accumulation steps)
+    eval_batch_size: int = 256
+    max_seq_length: int = 20
+    workers: int = 2
+    allow_missing_images: bool = False  # drop (and count) items whose image is in no store instead of failing
+    standardize_features: bool = False  # subtract the train store's per-dimension mean, divide by its std
+    # Pretraining / demo: a subset for quick runs (0 = all)
+    limit: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The network when training from scratch (``--load`` takes its config from the checkpoint instead)."""
+
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    l_layers: int = 9
+    r_layers: int = 5
+    x_layers: int = 5
+    visual_feat_dim: int = 2048
+    visual_pos_dim: int = 4
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["bert_adam", "adamw"] = "bert_adam"
+    lr: float = 1e-4
+    warmup: float = 0.05  # share of all optimizer steps
+    weight_decay: float = 0.01
+    exempt_bias_and_norm: bool = False  # the original decays every parameter
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-6
+    clip_grad_norm: float = 1.0  # <= 0: no clipping
+
+
+@dataclass
+class TrainLoopConfig:
+    epochs: int = 20
+    seed: int = 9595
+    device: str = ""  # "" = CUDA when available, else CPU
+    amp: AmpName = "auto"  # auto: bf16 on CUDA / CPUs with native bf16, else none
+    grad_accumulation: int = 0  # 0 = as needed so that the global batch fits the per-process micro batch
+    micro_batch_size: int = 0  # per process per forward; 0 = global batch / world size
+    save_every: int = 0  # optimizer steps between checkpoints (0 = only at epoch ends)
+    keep: int = 2  # step checkpoints kept (latest included)
+    log_every: int = 10
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    eval_every_epoch: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    """The four pretraining objectives, each switchable (the original's semantics)."""
+
+    mlm: bool = True
+    matched: bool = True
+    qa: bool = True
+    visual_losses: list[str] = field(default_factory=lambda: ["obj", "attr", "feat"])
+    word_mask_rate: float = 0.15
+    obj_mask_rate: float = 0.15
+    visual_losses_masked_only: bool = False  # the original weights obj/attr CE over ALL regions
+    qa_start_epoch: int = 0  # the paper: 10 (no QA in the first 10 epochs); the released code: 0
+    qa_weight: float = 1.0  # the paper: 2.0 in the QA stage
+
+
+@dataclass
+class FinetuneConfig:
+    """VQA / GQA / NLVR2 fine-tuning."""
+
+    loss: Literal["bce", "ce"] = "bce"  # VQA / GQA: BCE on soft scores x num_answers; GQA may use CE
+    annotations: str = ""  # raw official annotations of the valid split: official metric during training
+
+
+@dataclass
+class TrainConfig:
+    task: TaskName = "pretrain"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -1,0 +1,76 @@
+"""What the shared trainer needs from a task (pretrain, vqa, gqa, nlvr2): the contract between them.
+
+The trainer (``tasks/trainer.py``) owns everything generic: processes, devices, AMP, the optimizer and
+schedule, the loop, checkpoints and resume, logs. A task module owns its data, its head and loss, its
+metric and its prediction files. ``train(config, task=..., model=None, dist=None)`` runs any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class StepOutput:
+    """One forward's result: ``loss`` (scalar, what is back-propagated) and its parts (for the logs)."""
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"mlm": ..., "qa": ...}, detached ok
+    batch_size: int = 0
+
+
+class EpochDataset(Protocol):
+    """A map-style dataset whose random draws (masks, negatives) depend on (seed, epoch, index) only.
+
+    The trainer calls ``set_epoch(epoch)`` before building each epoch's loader iterator, so workers copy
+    the right epoch; ``__getitem__`` must not use any other source of randomness.
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+class Task(Protocol):
+    """A training task, built from the resolved :class:`tasks.config.TrainConfig`."""
+
+    name: str
+
+    def build_model(self, load: str | None) -> nn.Module:
+        """The network for this task, from ``load`` (any checkpoint ``model.from_pretrained`` reads) or
+        from scratch (``config.model``); reports what was loaded / initialised through logging."""
+        ...
+
+    def train_dataset(self) -> Dataset:
+        """The training items (an :class:`EpochDataset`)."""
+        ...
+
+    def valid_dataset(self) -> Dataset | None:
+        """The validation items (fixed draws: same masks / negatives every time), or None."""
+        ...
+
+    def collate(self, items: list[Any]) -> dict[str, Any]:
+        """A batch: tensors (moved to the device by the trainer) and any non-tensor metadata (ids)."""
+        ...
+
+    def step(self, model: nn.Module, batch: dict[str, Any], epoch: int) -> StepOutput:
+        """Forward + loss on one (micro) batch, already on the device, under the trainer's autocast."""
+        ...
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        """Validation metrics over the whole ``loader`` (``loss``, ``loss_<part>``, the task metric); the
+        key ``score`` (higher is better) selects ``RUN_DIR/best/``. Called on rank 0 only, with the bare
+        (unwrapped) model in eval mode."""
+        ...
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """JSON-serialisable files saved beside every model (e.g. ``{"label2ans.json": [...],
+        "extractor.json": {...}}``)."""
+        ...
