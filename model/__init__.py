@@ -6,13 +6,7 @@
 
 from common.cpu import cpu_autocast_is_fast, tune_cpu_allocator
 
-from .answers import (
-    AnswerHeadTransfer,
-    load_answer_table,
-    normalize_answer,
-    qa_model_from_pretraining,
-    transfer_answer_head,
-)
+from .answers import AnswerHeadTransfer, qa_model_from_pretraining, transfer_answer_head
 from .checkpoint import LoadReport, read_checkpoint, to_hf_state_dict, to_original_state_dict
 from .config import LxmertConfig
 from .modeling import (
@@ -43,8 +37,6 @@ __all__ = [
     "LxmertPreTrainedModel",
     "LxmertTokenizer",
     "cpu_autocast_is_fast",
-    "load_answer_table",
-    "normalize_answer",
     "qa_model_from_pretraining",
     "read_checkpoint",
     "to_hf_state_dict",

@@ -1,13 +1,14 @@
-"""LXMERT's answer normalisation and answer-head surgery (pretraining 9500-way QA head -> a task's table).
+"""Answer-head surgery: the pretraining 9500-way QA head -> a task's answer head.
 
-Fine-tuning VQA / GQA starts from the pretrained QA head: for each answer of the task table, normalised the
-way LXMERT's pretraining table was built, the row of the 9500-way head is copied when the answer is there;
-other rows start at zero (as the original code does), and the hidden layers of the head are copied whole.
+Fine-tuning VQA / GQA starts from the pretrained QA head: for each answer of the task table the row of the
+9500-way head is copied when the answer is in the pretraining table; other rows start at zero (as the original
+code does), and the hidden layers of the head are copied whole. Answers are matched exactly, so pass the task's
+answers normalised the way the pretraining table was built (``tasks.answer_table.normalize_answer``): the
+original matches ``convert_ans(label2ans[i])`` against the (already normalised) 9500 answers.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,69 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-# LXMERT's conversions after lower-casing and dropping a final "." and a leading article.
-_ANSWER_CONVERSIONS = {
-    "a man": "man",
-    "the man": "man",
-    "a woman": "woman",
-    "the woman": "woman",
-    "one": "1",
-    "two": "2",
-    "three": "3",
-    "four": "4",
-    "five": "5",
-    "six": "6",
-    "seven": "7",
-    "eight": "8",
-    "nine": "9",
-    "ten": "10",
-    "grey": "gray",
-}
-
-
-def normalize_answer(answer: str) -> str:
-    """LXMERT's pretraining answer normalisation.
-
-    Lower-case; drop one trailing ``"."``; drop a leading ``"a "``, ``"an "`` or ``"the "``; then map number
-    words one..ten to digits and ``"grey"`` to ``"gray"``. ``"The Dog."`` -> ``"dog"``, ``"two"`` -> ``"2"``.
-    """
-    if not answer:
-        return ""
-    ans = answer.lower()
-    if ans.endswith("."):
-        ans = ans[:-1].strip()
-    for article in ("a ", "an ", "the "):
-        if ans.startswith(article):
-            ans = ans[len(article) :].strip()
-            break
-    return _ANSWER_CONVERSIONS.get(ans, ans)
-
-
-def load_answer_table(path: str | Path) -> list[str]:
-    """Answers in label order from any of LXMERT's answer files.
-
-    Accepts ``all_ans.json`` (list of ``{"ans": str, ...}``), ``*_label2ans.json`` (list of str) and
-    ``*_ans2label.json`` (``{answer: label}``).
-    """
-    path = Path(path)
-    try:
-        data: Any = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the answer table ({err})") from err
-    if isinstance(data, dict):
-        answers = [""] * len(data)
-        for ans, label in data.items():
-            if not isinstance(label, int) or not 0 <= label < len(data):
-                raise ValueError(f"{path}: label {label!r} of answer {ans!r} is not in 0..{len(data) - 1}")
-            answers[label] = ans
-        return answers
-    if isinstance(data, list) and all(isinstance(a, str) for a in data):
-        return data
-    if isinstance(data, list) and all(isinstance(a, dict) and "ans" in a for a in data):
-        return [a["ans"] for a in data]
-    raise ValueError(
-        f"{path}: not an answer table; expected a list of answers, a list of {{'ans': ...}} or {{answer: label}}"
-    )
+from .checkpoint import build_from_state_dict, read_checkpoint, to_hf_state_dict
+from .modeling import LxmertForQuestionAnswering
 
 
 @dataclass
@@ -93,17 +33,11 @@ class AnswerHeadTransfer:
 
 
 def answer_index_map(source_answers: list[str], target_answers: list[str]) -> list[int | None]:
-    """For each target answer, the index of its normalised form in ``source_answers`` (or ``None``).
-
-    ``source_answers`` (the 9500 pretraining table) is already normalised; it is matched as is and also
-    through :func:`normalize_answer`, first occurrence wins.
-    """
+    """For each target answer, the index of the same string in ``source_answers`` (first occurrence), or ``None``."""
     index: dict[str, int] = {}
     for i, ans in enumerate(source_answers):
         index.setdefault(ans, i)
-    for i, ans in enumerate(source_answers):
-        index.setdefault(normalize_answer(ans), i)
-    return [index.get(normalize_answer(ans), index.get(ans)) for ans in target_answers]
+    return [index.get(ans) for ans in target_answers]
 
 
 @torch.no_grad()
@@ -115,6 +49,9 @@ def transfer_answer_head(
     zero_unmatched: bool = True,
 ) -> AnswerHeadTransfer:
     """Fill ``target_head`` (an answer head, ``logit_fc.{0,2,3}``) from the pretraining QA head.
+
+    ``source_answers``: the pretraining table in label order (``all_ans.json``); ``target_answers``: the task's
+    answers in label order, normalised like the source (see the module docstring); matched exactly.
 
     ``source_head``: the pretraining ``answer_head`` module or its state dict (``logit_fc.0.weight`` ...,
     last layer ``(len(source_answers), 2H)``). Layers 0 and 2 are copied; row ``i`` of the last layer
@@ -170,11 +107,9 @@ def qa_model_from_pretraining(
 ) -> tuple[torch.nn.Module, AnswerHeadTransfer]:
     """A QA model for ``target_answers`` from a pretraining checkpoint (any format), head rows transferred.
 
+    Answers as for :func:`transfer_answer_head` (target answers normalised, matched exactly).
     Returns ``(model, report)``; ``model.load_report`` tells how the backbone loaded.
     """
-    from .checkpoint import build_from_state_dict, read_checkpoint, to_hf_state_dict
-    from .modeling import LxmertForQuestionAnswering
-
     cls = model_class or LxmertForQuestionAnswering
     raw, file_config, container = read_checkpoint(path)
     state, fmt = to_hf_state_dict(raw, container)
