@@ -223,11 +223,14 @@ class LoadReport:
     """What :func:`load_detector_weights` did.
 
     ``missing``: model tensors the file lacks; ``unexpected``: file entries the model lacks;
-    ``defaulted``: frozen-BN statistics left at identity; ``loaded``: tensors copied.
+    ``defaulted``: frozen-BN statistics left at identity; ``loaded``: tensors copied; ``path``: the local
+    file read; ``sha256``: its hex digest (hash it once: use this); ``layout``: the file's detected layout
+    (e.g. ``"detectron2-pkl"``), to record next to the sha256.
     """
 
     path: str
     sha256: str
+    layout: str = ""
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     defaulted: list[str] = field(default_factory=list)
@@ -282,7 +285,8 @@ def load_detector_weights(model: nn.Module, path: str | os.PathLike, strict: boo
             f"{path}: {len(mismatched)} tensor(s) do not fit this detector config (wrong file or wrong "
             f"--config?): " + "; ".join(mismatched[:10]) + (" ..." if len(mismatched) > 10 else "")
         )
-    report = LoadReport(path=str(path), sha256=file_sha256(path))
+    layout = "detectron2-pkl" if path.suffix.lower() == ".pkl" else "detectron2"
+    report = LoadReport(path=str(path), sha256=file_sha256(path), layout=layout)
     report.unexpected = sorted(k for k in state if k not in own)
     for key in own:
         if key in state:
