@@ -249,7 +249,7 @@ def test_reader_and_writer_in_one_process(tmp_path):
 
 
 def test_reader_remaps_without_changing_results(tmp_path, monkeypatch):
-    from extract import store as store_module
+    from extract.store import env as store_module
 
     ids = [f"img{i}" for i in range(12)]
     write_store(tmp_path / "s", ids)
@@ -263,7 +263,7 @@ def test_reader_remaps_without_changing_results(tmp_path, monkeypatch):
     assert len(opened) == 1 + 24 // 3  # the first open, then one re-open per 3 records
     assert list(store) == sorted(ids) and len(store) == 12
     store.close()
-    assert os.path.realpath(tmp_path / "s") not in store_module._ENVS
+    assert os.path.realpath(tmp_path / "s") not in store_module.ENVS
 
 
 def test_threads_read_while_remapping(tmp_path):
