@@ -1,0 +1,335 @@
+"""Region features for the training tasks: image id -> regions, read lazily from one or more feature stores.
+
+COCO and Visual Genome images usually live in different stores (``data.features: [coco.lmdb, vg.lmdb]``);
+an image id is looked up in each store in turn, once, when the dataset is built (:meth:`RegionFeatures.locate`),
+through the stores' id index (no record is read). Records are read one at a time in the DataLoader workers:
+each worker opens the LMDB environments itself (:class:`extract.store.FeatureStore` re-opens per process), so
+memory stays flat in the number of images.
+
+What a task gets per image (:class:`Regions`): ``features`` ``(n, D)`` float32 (optionally standardised per
+dimension with the train images' mean / std, :class:`FeatureStats`), ``boxes`` ``(n, 4)`` x1, y1, x2, y2 divided
+by img_w / img_h (so in [0, 1]), the detector's object / attribute ids and confidences. ``n`` is usually 36 but
+may be smaller; :func:`collate_regions` pads a batch and gives the visual attention mask.
+
+The stores' extractor settings (:attr:`RegionFeatures.extractors`) are saved beside every model
+(:meth:`RegionFeatures.describe`), so a model records which features it expects; stores written by a detector
+with random weights (``extract-features --random-weights``) are flagged (:attr:`RegionFeatures.random_weight_stores`):
+their object / attribute labels carry no information.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from extract.store import FeatureStore, StoreError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FeatureStats",
+    "MissingImagesError",
+    "RegionFeatures",
+    "Regions",
+    "collate_regions",
+    "is_random_weights",
+]
+
+# Extractor-settings keys that may differ between stores of one extraction (e.g. the TSV file each came from).
+_PER_STORE_KEYS = ("file",)
+
+
+class MissingImagesError(ValueError):
+    """Items refer to images that are in none of the feature stores."""
+
+
+@dataclass
+class Regions:
+    """One image's regions.
+
+    - ``features`` ``(n, D)`` float32 (standardised when the reader has :class:`FeatureStats`);
+    - ``boxes`` ``(n, 4)`` float32, x1, y1, x2, y2 divided by img_w, img_h, clipped to [0, 1];
+    - ``obj_ids`` ``(n,)`` int64 Visual Genome object ids (0..1599), ``obj_conf`` ``(n,)`` float32;
+    - ``attr_ids`` ``(n,)`` int64 attribute ids (0..399), ``attr_conf`` ``(n,)`` float32.
+    """
+
+    features: np.ndarray
+    boxes: np.ndarray
+    obj_ids: np.ndarray
+    obj_conf: np.ndarray
+    attr_ids: np.ndarray
+    attr_conf: np.ndarray
+
+    @property
+    def num_boxes(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass
+class FeatureStats:
+    """Per-dimension mean and std ``(D,)`` float32 of region features (train images), for standardisation."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    num_regions: int = 0
+
+    def apply(self, features: np.ndarray) -> np.ndarray:
+        """``(n, D)`` -> ``(features - mean) / std``, float32."""
+        return ((features - self.mean) / self.std).astype(np.float32, copy=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist(), "num_regions": self.num_regions}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureStats:
+        return cls(
+            mean=np.asarray(data["mean"], dtype=np.float32),
+            std=np.asarray(data["std"], dtype=np.float32),
+            num_regions=int(data.get("num_regions", 0)),
+        )
+
+
+def is_random_weights(extractor: dict | None) -> bool:
+    """Whether a store's extractor settings say its detector had random (untrained) weights.
+
+    ``extract-features --random-weights`` records ``random_weights: true`` and ``weights: null``; a detector's
+    ``weights_source`` reads ``"random(seed=S)"``. TSV imports (``{"source": "tsv"}``) and unknown settings
+    (``None``) count as trained.
+    """
+    if not extractor:
+        return False
+    if extractor.get("random_weights"):
+        return True
+    weights = extractor.get("weights", "")
+    if isinstance(weights, str) and weights.lower().startswith("random"):
+        return True
+    # An extractor run (it records the box-selection rule) without a weights file had random weights.
+    return "weights" in extractor and weights is None and "selection" in extractor
+
+
+class RegionFeatures:
+    """Image id -> :class:`Regions`, from one or more feature stores (an id is looked up in each, in order).
+
+    ``paths``: the stores (``data.features``). ``stats``: standardise features with these (see
+    :meth:`compute_stats`). The stores are opened read-only in each process on first use; pickling (to
+    DataLoader workers) carries paths and the id -> store table only.
+
+    Raises ``ValueError`` naming the store when a path is not a feature store, or when the stores disagree on
+    the feature dimension.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], stats: FeatureStats | None = None) -> None:
+        if not paths:
+            raise ValueError("no feature store given: set data.features to one or more stores (.lmdb)")
+        self.paths = [Path(p) for p in paths]
+        self.stats = stats
+        self._stores: list[FeatureStore] = []
+        for path in self.paths:
+            try:
+                self._stores.append(FeatureStore(path, normalize_boxes=True))
+            except (StoreError, OSError) as err:
+                raise ValueError(f"data.features: {path} cannot be opened as a feature store: {err}") from err
+        self.extractors = [self._describe_store(store) for store in self._stores]
+        dims = {e["path"]: e["feature_dim"] for e in self.extractors if e["feature_dim"] is not None}
+        if len(set(dims.values())) > 1:
+            raise ValueError(
+                f"feature stores disagree on the feature dimension ({dims}); use stores from one extractor"
+            )
+        self.feature_dim: int | None = next(iter(dims.values()), None)
+        settings = {
+            json.dumps(
+                {k: v for k, v in (e["extractor"] or {}).items() if k not in _PER_STORE_KEYS}, sort_keys=True
+            )
+            for e in self.extractors
+        }
+        if len(settings) > 1:
+            log.warning(
+                "the feature stores were written with different extractor settings (%s); features from different "
+                "extractors differ and mixing them can cost accuracy",
+                "; ".join(f"{e['path']}: {e['extractor']}" for e in self.extractors),
+            )
+        self._where: dict[str, int] = {}
+        if stats is not None and self.feature_dim is not None and stats.mean.shape != (self.feature_dim,):
+            raise ValueError(
+                f"feature statistics have {stats.mean.shape[0]} dimensions, the stores {self.feature_dim}"
+            )
+
+    # -- metadata -----------------------------------------------------------------------------------
+    @staticmethod
+    def _describe_store(store: FeatureStore) -> dict[str, Any]:
+        meta = store.metadata
+        return {
+            "path": str(store.path),
+            "extractor": meta.get("extractor"),
+            "feature_dim": meta.get("feature_dim"),
+            "features_dtype": meta.get("features_dtype"),
+            "count": meta.get("count"),
+            "random_weights": is_random_weights(meta.get("extractor")),
+        }
+
+    @property
+    def random_weight_stores(self) -> list[str]:
+        """Paths of the stores whose detector had random weights (their obj / attr labels are noise)."""
+        return [e["path"] for e in self.extractors if e["random_weights"]]
+
+    def describe(self) -> dict[str, Any]:
+        """What a model trained on these features expects: per store its extractor settings and feature size,
+        and the standardisation statistics when used (JSON-serialisable; saved as ``features.json``)."""
+        return {
+            "feature_dim": self.feature_dim,
+            "stores": self.extractors,
+            "standardize": self.stats.to_dict() if self.stats is not None else None,
+        }
+
+    # -- lookup -------------------------------------------------------------------------------------
+    def locate(self, img_ids: Iterable[str]) -> list[str]:
+        """Find each id's store (first store holding it); returns the ids found in none (sorted).
+
+        Only the stores' id indexes are read. Ids already located are not looked up again.
+        """
+        missing = []
+        for img_id in img_ids:
+            if img_id in self._where:
+                continue
+            for i, store in enumerate(self._stores):
+                if img_id in store:
+                    self._where[img_id] = i
+                    break
+            else:
+                missing.append(img_id)
+        return sorted(set(missing))
+
+    def check(
+        self,
+        img_ids: Iterable[str],
+        *,
+        allow_missing: bool,
+        what: str = "items",
+        source: str = "",
+        counts: dict[str, int] | None = None,
+    ) -> set[str]:
+        """Locate ``img_ids`` and report (once) those found in no store; returns the set of missing ids.
+
+        ``counts``: items per image id, to say how many items are lost. Raises :class:`MissingImagesError`
+        (naming a few ids, the stores and ``source``) unless ``allow_missing``; then logs a warning instead.
+        """
+        ids = list(dict.fromkeys(img_ids))
+        missing = self.locate(ids)
+        if not missing:
+            return set()
+        lost = sum(counts.get(i, 1) for i in missing) if counts is not None else len(missing)
+        stores = ", ".join(str(p) for p in self.paths)
+        example = ", ".join(repr(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        where = f" of {source}" if source else ""
+        message = (
+            f"{len(missing)} of {len(ids)} images{where} ({lost} {what}) are in none of the feature stores "
+            f"[{stores}]: e.g. {example}"
+        )
+        if not allow_missing:
+            raise MissingImagesError(
+                f"{message}. Extract their features into a store listed in data.features, or set "
+                "data.allow_missing_images: true to drop those items"
+            )
+        log.warning("%s; dropped (data.allow_missing_images: true)", message)
+        return set(missing)
+
+    def __contains__(self, img_id: str) -> bool:
+        return img_id in self._where or not self.locate([img_id])
+
+    def __getitem__(self, img_id: str) -> Regions:
+        """The regions of ``img_id`` (KeyError naming the stores when it is in none)."""
+        index = self._where.get(img_id)
+        if index is None:
+            if self.locate([img_id]):
+                raise KeyError(
+                    f"image id {img_id!r} is in none of the feature stores {[str(p) for p in self.paths]}"
+                )
+            index = self._where[img_id]
+        record = self._stores[index][img_id]
+        features = record["features"].astype(np.float32, copy=False)
+        if self.stats is not None:
+            features = self.stats.apply(features)
+        return Regions(
+            features=features,
+            boxes=record["boxes"].astype(np.float32, copy=False),
+            obj_ids=record["obj_ids"].astype(np.int64, copy=False),
+            obj_conf=record["obj_conf"].astype(np.float32, copy=False),
+            attr_ids=record["attr_ids"].astype(np.int64, copy=False),
+            attr_conf=record["attr_conf"].astype(np.float32, copy=False),
+        )
+
+    # -- standardisation ----------------------------------------------------------------------------
+    def compute_stats(self, img_ids: Sequence[str], max_images: int = 2000) -> FeatureStats:
+        """Per-dimension mean / std of the regions of ``img_ids`` (evenly spaced ``max_images`` of them when more;
+        sorted first, so the result depends only on the set of ids), accumulated in float64.
+
+        A dimension with std below 1e-6 gets std 1 (left unscaled).
+        """
+        ids = sorted(set(img_ids))
+        if not ids:
+            raise ValueError("cannot compute feature statistics: no image ids")
+        if len(ids) > max_images:
+            picks = np.linspace(0, len(ids) - 1, max_images).round().astype(np.int64)
+            ids = [ids[i] for i in sorted(set(picks.tolist()))]
+        saved, self.stats = self.stats, None
+        try:
+            total = sq = None
+            count = 0
+            for img_id in ids:
+                feats = self[img_id].features.astype(np.float64)
+                if total is None:
+                    total = np.zeros(feats.shape[1])
+                    sq = np.zeros(feats.shape[1])
+                total += feats.sum(0)
+                sq += (feats**2).sum(0)
+                count += feats.shape[0]
+        finally:
+            self.stats = saved
+        if count == 0 or total is None or sq is None:
+            raise ValueError(
+                f"cannot compute feature statistics: the {len(ids)} images sampled have no regions"
+            )
+        mean = total / count
+        std = np.sqrt(np.maximum(sq / count - mean**2, 0.0))
+        std = np.where(std < 1e-6, 1.0, std)
+        return FeatureStats(mean.astype(np.float32), std.astype(np.float32), num_regions=count)
+
+    def close(self) -> None:
+        for store in self._stores:
+            store.close()
+
+    def __repr__(self) -> str:
+        return f"RegionFeatures({[str(p) for p in self.paths]}, standardize={self.stats is not None})"
+
+
+def collate_regions(regions: Sequence[Regions]) -> dict[str, torch.Tensor]:
+    """Pad a batch of :class:`Regions` to its largest ``n`` (at least 1) with zeros.
+
+    Returns ``visual_feats`` ``(B, V, D)`` float32, ``visual_pos`` ``(B, V, 4)`` float32 and
+    ``visual_attention_mask`` ``(B, V)`` float32 (1 = a real region), or no mask key when every image has ``V``
+    regions (LXMERT's usual 36: the model's faster unmasked path).
+    """
+    if not regions:
+        raise ValueError("collate_regions: empty batch")
+    counts = [r.num_boxes for r in regions]
+    num = max(1, max(counts))
+    dim = regions[0].features.shape[1]
+    feats = np.zeros((len(regions), num, dim), dtype=np.float32)
+    boxes = np.zeros((len(regions), num, 4), dtype=np.float32)
+    for i, r in enumerate(regions):
+        feats[i, : counts[i]] = r.features
+        boxes[i, : counts[i]] = r.boxes
+    out = {"visual_feats": torch.from_numpy(feats), "visual_pos": torch.from_numpy(boxes)}
+    if min(counts) < num:
+        mask = np.zeros((len(regions), num), dtype=np.float32)
+        for i, n in enumerate(counts):
+            mask[i, :n] = 1.0
+        out["visual_attention_mask"] = torch.from_numpy(mask)
+    return out
