@@ -12,7 +12,7 @@ Formats recognised (the format is detected from the files and keys, never assume
   and ``logit_fc.*`` (mapped to ``answer_head.logit_fc.*``).
 
 A name like ``unc-nlp/lxmert-base-uncased`` that is no local path is looked up on the Hugging Face Hub
-(its local cache first; see :func:`hub_snapshot`). Any of them may carry a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix, or be
+(its local cache first; see :func:`common.hub.hub_snapshot`). Any of them may carry a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix, or be
 wrapped as ``{"model": state_dict, ...}`` / ``{"state_dict": ...}``. Torch pickles are read with
 ``weights_only=True`` only.
 """
@@ -22,14 +22,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from common.hub import hub_snapshot, is_hub_id
+from common.state_dict import LoadReport, read_safetensors, read_torch, unwrap_state_dict
 
 from .config import LxmertConfig
 
@@ -42,40 +43,6 @@ _BACKBONE_ROOTS = ("embeddings.", "encoder.", "pooler.")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 
 
-@dataclass
-class LoadReport:
-    """What happened when a checkpoint was loaded into a model.
-
-    ``missing``: model keys the checkpoint lacks (left as initialised); ``unexpected``: checkpoint keys the
-    model has no place for; ``mismatched``: ``(key, checkpoint shape, model shape)`` skipped (left as
-    initialised), e.g. an answer head with a different answer count.
-    """
-
-    source: str
-    format: str
-    loaded: int = 0
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        """True when every model weight came from the checkpoint."""
-        return not self.missing and not self.mismatched
-
-    def summary(self) -> str:
-        """One paragraph for logs."""
-        parts = [f"{self.source} ({self.format}): loaded {self.loaded} tensors"]
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing (initialised): {_short(self.missing)}")
-        if self.mismatched:
-            shown = [f"{k} {tuple(a)} vs model {tuple(b)}" for k, a, b in self.mismatched[:5]]
-            parts.append(f"{len(self.mismatched)} shape-mismatched (initialised): {shown}")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unused: {_short(self.unexpected)}")
-        return "; ".join(parts)
-
-
 def _short(keys: list[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
@@ -83,48 +50,7 @@ def _short(keys: list[str], n: int = 6) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------------------
-def _torch_load(path: Path, map_location: str | torch.device) -> Any:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{path}: cannot read as a PyTorch checkpoint with weights_only=True ({type(err).__name__}: {err}). "
-            "The file is truncated/corrupted (re-download it) or holds pickled objects other than tensors "
-            "(re-save it as a plain state dict)."
-        ) from err
-
-
-def _safetensors_load(path: Path, device: str | torch.device) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as err:
-        raise ValueError(
-            f"{path}: cannot read as safetensors ({type(err).__name__}: {err}); the file is truncated or "
-            "corrupted: re-download or re-save it"
-        ) from err
-
-
-def _unwrap(obj: Any, path: Path) -> dict[str, Tensor]:
-    """A state dict from a loaded pickle: plain, or under ``"model"`` / ``"state_dict"``."""
-    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, Tensor) for v in inner.values()):
-                return inner
-    kind = type(obj).__name__
-    keys = list(obj)[:8] if isinstance(obj, dict) else []
-    raise ValueError(
-        f"{path}: holds a {kind} (keys {keys}), not a state dict of tensors; expected an LXMERT checkpoint "
-        "(a dict name -> tensor, optionally under 'model' or 'state_dict')"
-    )
-
-
-#: ``owner/name``: a Hugging Face Hub repository id (tried only when no such local path exists).
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: What a Hub snapshot of an LXMERT checkpoint needs (nothing else is downloaded).
 _HUB_FILES = [
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -134,39 +60,6 @@ _HUB_FILES = [
 ]
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """The local folder of Hugging Face Hub model ``repo_id`` (e.g. ``unc-nlp/lxmert-base-uncased``).
-
-    Through ``huggingface_hub``: from its cache (``HF_HOME`` / ``HF_HUB_CACHE``), downloading only the config
-    and weights files when they are missing and the network allows; with ``HF_HUB_OFFLINE=1`` from the cache
-    only. Raises ``FileNotFoundError`` saying what to do when neither gives it.
-    """
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:  # pragma: no cover - transformers brings it
-        raise FileNotFoundError(
-            f"{repo_id}: no such local path, and huggingface_hub is not installed to look it up on the Hub"
-        ) from e
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    try:
-        folder = snapshot_download(
-            repo_id,
-            allow_patterns=_HUB_FILES,
-            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
-            local_files_only=offline,
-        )
-    except Exception as e:  # offline and not cached, no network, no such repository, ...
-        where = "the Hugging Face cache" if offline else "the Hugging Face Hub nor its cache"
-        raise FileNotFoundError(
-            f"{repo_id}: no such local file or directory, and not found in {where} "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass a checkpoint directory "
-            f"(config.json + model.safetensors) or file, or fetch it first with "
-            f"`hf download {repo_id}` where the network allows"
-        ) from e
-    logger.info("%s: Hugging Face Hub snapshot at %s", repo_id, folder)
-    return Path(folder)
-
-
 def read_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, Tensor], LxmertConfig | None, str]:
@@ -174,8 +67,10 @@ def read_checkpoint(
 
     Returns ``(state_dict, config, container)``; ``container`` says which files were read.
     """
-    if not Path(path).exists() and _HUB_ID.match(str(path)):
-        path = hub_snapshot(str(path))
+    if is_hub_id(path):
+        path = hub_snapshot(
+            str(path), _HUB_FILES, what="checkpoint directory (config.json + model.safetensors) or file"
+        )
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
@@ -211,11 +106,11 @@ def _read_weights_file(path: Path, map_location: str | torch.device) -> dict[str
             raise ValueError(f"{path}: not a safetensors index (no 'weight_map'): {err}") from err
         state: dict[str, Tensor] = {}
         for shard in sorted(set(index.values())):
-            state.update(_safetensors_load(path.parent / shard, map_location))
+            state.update(read_safetensors(path.parent / shard, map_location))
         return state
     if path.suffix == ".safetensors":
-        return _safetensors_load(path, map_location)
-    return _unwrap(_torch_load(path, map_location), path)
+        return read_safetensors(path, map_location)
+    return unwrap_state_dict(read_torch(path, map_location), path, "an LXMERT checkpoint")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -367,7 +262,7 @@ def load_state_dict_into(
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False) and TIED_DECODER_KEY in own
     if tied:
         state.pop(TIED_DECODER_KEY, None)
-    report = LoadReport(source=source, format=fmt)
+    report = LoadReport(source=source, layout=fmt)
     to_load: dict[str, Tensor] = {}
     for key, value in state.items():
         if key not in own:
