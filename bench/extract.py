@@ -41,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a plain script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from common.cpu import tune_cpu_allocator  # noqa: E402
+from common.cpu import cpu_autocast_warning, tune_cpu_allocator  # noqa: E402
+from extract.config import default_workers  # noqa: E402
 from extract.images import load_image  # noqa: E402
 from extract.runner import (  # noqa: E402
     AMP_DTYPES,
@@ -210,7 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="vg_r101_c4", help="detector config (full R101 by default)")
     p.add_argument("--images", default=None, help="folder of images to use instead of synthetic ones")
     p.add_argument(
-        "--workers", type=int, default=None, help="runner DataLoader workers (default: min(4, cpus))"
+        "--workers",
+        type=int,
+        default=None,
+        help="runner DataLoader workers (default: extract-features' default)",
     )
     p.add_argument("--min-size", type=int, default=600)
     p.add_argument("--max-size", type=int, default=1000)
@@ -232,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         if d not in DTYPE_TO_AMP:
             p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPE_TO_AMP)}")
     if device.type == "cpu":
-        from common.cpu import cpu_autocast_warning
-
         for d in list(dtypes):
             slow = cpu_autocast_warning(AMP_DTYPES[DTYPE_TO_AMP[d]])
             if slow is not None and args.dtypes is None:
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             elif slow is not None:
                 print(f"warning: {d}: {slow}")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    workers = args.workers if args.workers is not None else min(4, psutil.cpu_count() or 1)
+    workers = args.workers if args.workers is not None else default_workers()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_"))
     try:

@@ -34,6 +34,7 @@ import yaml
 __all__ = [
     "ConfigError",
     "apply_overrides",
+    "check_choices",
     "config_from_dict",
     "config_to_dict",
     "field_choices",
@@ -252,3 +253,28 @@ def field_default(cls: type, name: str) -> Any:
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     raise TypeError(f"{cls.__name__}.{name} has no default")
+
+
+def _literal_args(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of ``Literal[...]`` or ``Literal[...] | None`` (None included), else None."""
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        literals = [a for a in args if typing.get_origin(a) is Literal]
+        if len(literals) == 1 and all(a is type(None) or a is literals[0] for a in args):
+            return (*typing.get_args(literals[0]), None)
+    return None
+
+
+def check_choices(cfg: Any) -> None:
+    """Refuse a dataclass instance whose ``Literal`` fields hold a value outside their choices (for
+    ``__post_init__`` of configs built by hand); ValueError naming the field, the value and the choices."""
+    cls = type(cfg)
+    for name, tp in _hints(cls).items():
+        allowed = _literal_args(tp)
+        if allowed is not None and name in _fields(cls) and getattr(cfg, name) not in allowed:
+            raise ValueError(
+                f"{cls.__name__}.{name} must be one of {', '.join(repr(a) for a in allowed)}, "
+                f"got {getattr(cfg, name)!r}"
+            )

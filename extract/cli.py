@@ -14,10 +14,16 @@ arguments, weights, store or settings), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-__all__ = ["build_parser", "config_from_args", "main"]
+from common.config import field_choices, field_default
+from extract.config import ExtractConfig, default_batch_size
+from extract.runner import ExtractionInterrupted, SetupError, collect_images, run_extraction
+from extract.selection import RULES, BoxSelection
+
+__all__ = ["build_parser", "config_from_args", "default_batch_size", "main"]
 
 EXIT_OK, EXIT_FAILURES, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -35,8 +41,18 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cuda, cuda:N or cpu, got {text!r}")
 
 
+def _default(name: str):
+    return field_default(ExtractConfig, name)
+
+
+def _boxes_default() -> str:
+    lo, hi = field_default(BoxSelection, "min_boxes"), field_default(BoxSelection, "max_boxes")
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (also used for ``--help``)."""
+    """The argument parser (also used for ``--help``); choices and defaults come from :class:`ExtractConfig`
+    (and :class:`BoxSelection`), never restated here."""
     p = argparse.ArgumentParser(
         prog="extract-features",
         usage="extract-features IMAGES_DIR OUT.lmdb (--weights FILE | --random-weights) [options]\n"
@@ -55,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", dest="list_file", metavar="FILE", help="text file of image paths, one per line")
     p.add_argument(
         "--id-from",
-        choices=("stem", "relpath"),
-        default="stem",
+        choices=field_choices(ExtractConfig, "id_from"),
+        default=_default("id_from"),
         help="image id: file name without extension, or the path relative to IMAGES_DIR without extension",
     )
     g = p.add_argument_group("detector")
@@ -66,53 +82,76 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip loading weights: a deterministic random detector (tests, demos; recorded in the store)",
     )
-    g.add_argument("--config", default="vg_r101_c4", help="vg_r101_c4 | vg_tiny | path/to/config.yaml")
+    g.add_argument("--config", default=_default("config"), help="vg_r101_c4 | vg_tiny | path/to/config.yaml")
     g.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="Detectron2 config overrides")
-    g.add_argument("--selection", choices=("caffe", "maxnms"), default="caffe", help="box selection rule")
-    g.add_argument("--boxes", default="36", help="regions per image: N, or MIN-MAX (e.g. 10-100)")
-    g.add_argument("--conf-thresh", type=float, default=0.2, help="confidence threshold of the caffe rule")
-    g.add_argument("--nms-thresh", type=float, default=0.3, help="NMS IoU threshold of the selection")
+    g.add_argument(
+        "--selection", choices=RULES, default=field_default(BoxSelection, "rule"), help="box selection rule"
+    )
+    g.add_argument("--boxes", default=_boxes_default(), help="regions per image: N, or MIN-MAX (e.g. 10-100)")
+    g.add_argument(
+        "--conf-thresh",
+        type=float,
+        default=field_default(BoxSelection, "conf_thresh"),
+        help="confidence threshold of the caffe rule",
+    )
+    g.add_argument(
+        "--nms-thresh",
+        type=float,
+        default=field_default(BoxSelection, "nms_thresh"),
+        help="NMS IoU threshold of the selection",
+    )
     g = p.add_argument_group("images")
     g.add_argument(
-        "--min-size", type=_positive_int, default=600, help="shortest side after resizing (pixels)"
+        "--min-size",
+        type=_positive_int,
+        default=_default("min_size"),
+        help="shortest side after resizing (pixels)",
     )
-    g.add_argument("--max-size", type=_positive_int, default=1000, help="cap on the longest side (pixels)")
     g.add_argument(
-        "--max-pixels", type=_positive_int, default=None, help="refuse images with more pixels (w*h)"
+        "--max-size",
+        type=_positive_int,
+        default=_default("max_size"),
+        help="cap on the longest side (pixels)",
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=_default("max_pixels"),
+        help="refuse images with more pixels (w*h)",
     )
     g = p.add_argument_group("execution")
     g.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader worker processes"
+        "--workers",
+        type=int,
+        default=_default("workers"),
+        help="DataLoader worker processes (one per CPU core, at most 4)",
     )
     g.add_argument(
         "--batch-size",
         type=_positive_int,
-        default=None,
+        default=_default("batch_size"),
         help="images per detector forward (default: 4 on CUDA; 1 on CPU, where batching gains nothing)",
     )
-    g.add_argument("--device", type=_device, default=None, help="cuda | cpu (default: cuda when available)")
-    g.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none", help="autocast dtype")
-    g.add_argument("--features-dtype", choices=("float32", "float16"), default="float32", help="stored dtype")
+    g.add_argument(
+        "--device", type=_device, default=_default("device"), help="cuda | cpu (default: cuda when available)"
+    )
+    g.add_argument(
+        "--amp", choices=field_choices(ExtractConfig, "amp"), default=_default("amp"), help="autocast dtype"
+    )
+    g.add_argument(
+        "--features-dtype",
+        choices=field_choices(ExtractConfig, "features_dtype"),
+        default=_default("features_dtype"),
+        help="stored dtype",
+    )
     g.add_argument("--overwrite", action="store_true", help="re-extract images already in the store")
     g.add_argument("--strict", action="store_true", help="exit 1 when any image failed")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
-def default_batch_size(device: str | None) -> int:
-    """4 images per forward on CUDA; 1 on CPU (no faster batched there, and cheaper in memory)."""
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return 1 if device.split(":")[0] == "cpu" else 4
-
-
-def config_from_args(args: argparse.Namespace):
+def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, str | None]:
     """(ExtractConfig, images_dir or None) from parsed arguments; ValueError with a message when invalid."""
-    from extract.runner import ExtractConfig
-    from extract.selection import BoxSelection
-
     if args.list_file is not None:
         if len(args.paths) > 2:
             raise ValueError("with --list give at most [IMAGES_DIR] OUT.lmdb")
@@ -139,8 +178,9 @@ def config_from_args(args: argparse.Namespace):
         min_size=args.min_size,
         max_size=args.max_size,
         max_pixels=args.max_pixels,
+        id_from=args.id_from,
         workers=args.workers,
-        batch_size=args.batch_size or default_batch_size(args.device),
+        batch_size=args.batch_size,
         device=args.device,
         amp=args.amp,
         features_dtype=args.features_dtype,
@@ -149,6 +189,24 @@ def config_from_args(args: argparse.Namespace):
         progress=not args.no_progress,
     )
     return config, images_dir
+
+
+class _StderrFormatter(logging.Formatter):
+    """``extract-features: message``, with ``warning:`` / ``error:`` before messages of those levels."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        return f"extract-features: {level}{record.getMessage()}"
+
+
+def _log_to_stderr() -> logging.Handler:
+    """Show the ``extract`` package's INFO and above on stderr (the library logs; the CLI shows it)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    logger = logging.getLogger("extract")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,10 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"extract-features: error: {e}", file=sys.stderr)
         return EXIT_REFUSED
 
-    from extract.runner import SetupError, collect_images, run_extraction
-
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    bold = not os.environ.get("NO_COLOR")
+    handler = _log_to_stderr()
     try:
-        items = collect_images(images_dir, args.list_file, args.id_from)
+        items = collect_images(images_dir, args.list_file, config.id_from)
         if not items:
             where = args.list_file or images_dir
             print(f"extract-features: no images found in {where} (jpg/jpeg/png/bmp/webp)", file=sys.stderr)
@@ -175,11 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         print(f"extract-features: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if rank0 and isinstance(e, ExtractionInterrupted):
+            print(e.summary.format(bold=bold), flush=True)
         print("extract-features: interrupted; run the same command again to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(summary.format(bold=not os.environ.get("NO_COLOR")), flush=True)
+    finally:
+        logging.getLogger("extract").removeHandler(handler)
+    if rank0:
+        print(summary.format(bold=bold), flush=True)
     return EXIT_FAILURES if (config.strict and summary.failed) else EXIT_OK
 
 
