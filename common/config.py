@@ -82,13 +82,15 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in options:
             try:
                 return _convert(value, arg, key, where)
-            except ConfigError:
-                continue
+            except ConfigError as e:
+                errors.append(e)
+        if len(options) == 1 and _is_container(options[0]):
+            raise errors[0]  # `Section | None` given a mapping: the error inside it says more
         raise bad
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -136,6 +138,19 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     raise ConfigError(f"{where}: {key}: unsupported field type {tp!r}")
 
 
+def _is_container(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) or typing.get_origin(tp) in (list, dict)
+
+
+def _without_none(tp: Any) -> Any:
+    """``X`` for ``X | None`` (``tp`` itself otherwise)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1:
+            return options[0]
+    return tp
+
+
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
@@ -159,9 +174,20 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "<dict>", 
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
 
 
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    """The plain nested dict of a config (what :func:`save_config` writes)."""
-    return dataclasses.asdict(cfg)
+    """The plain nested dict of a config (what :func:`save_config` writes): the fields a config is built
+    from (``init=False`` fields are derived, so left out), tuples as lists."""
+    return _plain(cfg)
 
 
 def _set_dotted(data: dict[str, Any], cls: type, dotted: str, value: Any, where: str) -> None:
@@ -175,9 +201,19 @@ def _set_dotted(data: dict[str, Any], cls: type, dotted: str, value: Any, where:
                 f"{where}: unknown key {dotted} (known keys under {prefix or 'the top level'}: {', '.join(fields)})"
             )
         if i == len(parts) - 1:
+            if fields is not None:  # refuse a wrong type here, where the message can name the override
+                _convert(value, _hints(node_cls)[part], dotted, where)
             node[part] = value
             return
-        child_tp = _hints(node_cls)[part] if fields is not None else None
+        child_tp = _without_none(_hints(node_cls)[part]) if fields is not None else None
+        if (
+            fields is not None
+            and not dataclasses.is_dataclass(child_tp)
+            and typing.get_origin(child_tp) is not dict
+        ):
+            raise ConfigError(
+                f"{where}: {'.'.join(parts[: i + 1])} is {_type_name(child_tp)}, not a section; cannot set {dotted}"
+            )
         child = node.get(part)
         if not isinstance(child, dict):
             child = {}
