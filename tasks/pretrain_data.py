@@ -1,0 +1,482 @@
+"""LXMERT pretraining data: the flattened sentence items, their masks and negatives, and batches.
+
+Input: LXMERT's pretraining JSON files, each a list of
+``{"img_id": str, "sentf": {source: [sentence, ...]}, "labelf": {source: [{answer: score}, ...]}}``
+(``labelf[source][i]`` labels ``sentf[source][i]``; captions have no labels). As the original, they are flattened
+to one item per (image, source, sentence), uid ``"<img_id>_<source>_<i:03d>"``; QA labels go through
+:func:`tasks.answer_table.normalize_answer` and answers outside the table are dropped (when two raw answers
+normalise to one, the later one's score is kept, as the original).
+
+The items live in a few numpy arrays (:class:`PretrainCorpus`: sentences as one UTF-8 buffer, labels as CSR
+arrays), grouped by image, so millions of sentences cost a few hundred MB and DataLoader workers share them.
+
+Every random draw of an item (:meth:`PretrainDataset.__getitem__`) comes from a generator seeded by
+``(seed, epoch, index)`` only (validation: ``(seed, index)``, the same every evaluation), so results depend
+neither on the number of workers nor of processes, and a resumed run draws what an uninterrupted one draws:
+
+- matching: with p = 0.5 the sentence is replaced by the sentence of a uniformly drawn item of ANOTHER image
+  (``matched_label`` 0; the QA target is then dropped);
+- masked LM: WordPiece, truncated to ``max_seq_length - 2`` pieces BEFORE masking; each piece with
+  p = ``word_mask_rate``: 80% ``[MASK]``, 10% a token uniform over the whole vocabulary (special and unused
+  entries included, as the original), 10% kept; the label is the original id (-100 elsewhere); ``[CLS]`` /
+  ``[SEP]`` are added after masking, so never masked;
+- masked objects: each region with p = ``obj_mask_rate``: 80% zeroed, 10% replaced by a random region of a
+  uniformly drawn item's image (any item, as the original), 10% kept; ``feat_mask`` 1 on all of them;
+- QA: for a matched item with a label, the target answer is drawn with probability proportional to its score
+  (the single answer when there is one); -100 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from model import LxmertTokenizer
+from tasks.answer_table import normalize_answer
+from tasks.features import RegionFeatures, collate_regions
+
+log = logging.getLogger(__name__)
+
+IGNORE = (
+    -100
+)  # label of a token / region / item that is not predicted (the model's convention; the original: -1)
+
+_FORMAT_HINT = (
+    'expected LXMERT\'s pretraining format [{"img_id": str, "sentf": {source: [sentence, ...]}, '
+    '"labelf": {source: [{answer: score}, ...]}}, ...]'
+)
+
+
+class PretrainDataError(ValueError):
+    """A pretraining JSON file is unreadable or malformed, or the data set is empty."""
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+@dataclass
+class PretrainCorpus:
+    """Flattened sentence items, grouped by image (the items of image ``g`` are ``image_start[g]:image_start[g+1]``).
+
+    - ``img_ids``: the images, in first-appearance order; ``sources``: the source names (``mscoco``, ``vqa`` ...).
+    - ``item_image`` ``(N,)`` int32 image index; ``item_source`` ``(N,)`` int16 source index; ``item_pos``
+      ``(N,)`` int32 position of the sentence in ``sentf[source]`` (for the uid).
+    - ``text`` ``(T,)`` uint8 UTF-8 of all sentences, ``text_start`` ``(N + 1,)`` int64 offsets.
+    - ``label_start`` ``(N + 1,)`` int64 offsets into ``label_answer`` (int32 answer-table index) and
+      ``label_score`` (float32); an item without a (kept) label has none.
+    """
+
+    img_ids: list[str]
+    sources: list[str]
+    image_start: np.ndarray
+    item_image: np.ndarray
+    item_source: np.ndarray
+    item_pos: np.ndarray
+    text: np.ndarray
+    text_start: np.ndarray
+    label_start: np.ndarray
+    label_answer: np.ndarray
+    label_score: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item_image)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.img_ids)
+
+    def sentence(self, index: int) -> str:
+        return bytes(self.text[self.text_start[index] : self.text_start[index + 1]]).decode("utf-8")
+
+    def img_id(self, index: int) -> str:
+        return self.img_ids[int(self.item_image[index])]
+
+    def uid(self, index: int) -> str:
+        """The original's uid: ``"<img_id>_<source>_<i:03d>"``."""
+        return f"{self.img_id(index)}_{self.sources[int(self.item_source[index])]}_{int(self.item_pos[index]):03d}"
+
+    def label(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(answers (K,) int32, scores (K,) float32)`` of the item's QA label (K = 0 without one)."""
+        lo, hi = self.label_start[index], self.label_start[index + 1]
+        return self.label_answer[lo:hi], self.label_score[lo:hi]
+
+    def items_per_image(self) -> dict[str, int]:
+        counts = np.diff(self.image_start)
+        return {img_id: int(c) for img_id, c in zip(self.img_ids, counts)}
+
+    def without_images(self, drop: set[str]) -> PretrainCorpus:
+        """A corpus without the items of the images in ``drop``."""
+        if not drop:
+            return self
+        keep_img = np.array([i not in drop for i in self.img_ids], dtype=bool)
+        keep = keep_img[self.item_image]
+        return self.subset(np.flatnonzero(keep))
+
+    def subset(self, items: np.ndarray) -> PretrainCorpus:
+        """The items ``items`` (sorted indices; grouping by image is kept)."""
+        items = np.asarray(items, dtype=np.int64)
+        old_images = np.unique(self.item_image[items])
+        remap = np.full(self.num_images, -1, dtype=np.int32)
+        remap[old_images] = np.arange(len(old_images), dtype=np.int32)
+        item_image = remap[self.item_image[items]]
+        t_lo, t_hi = self.text_start[items], self.text_start[items + 1]
+        l_lo, l_hi = self.label_start[items], self.label_start[items + 1]
+        text_idx = _ranges(t_lo, t_hi)
+        label_idx = _ranges(l_lo, l_hi)
+        return PretrainCorpus(
+            img_ids=[self.img_ids[g] for g in old_images],
+            sources=self.sources,
+            image_start=np.concatenate([[0], np.cumsum(np.bincount(item_image, minlength=len(old_images)))]),
+            item_image=item_image,
+            item_source=self.item_source[items],
+            item_pos=self.item_pos[items],
+            text=self.text[text_idx],
+            text_start=np.concatenate([[0], np.cumsum(t_hi - t_lo)]).astype(np.int64),
+            label_start=np.concatenate([[0], np.cumsum(l_hi - l_lo)]).astype(np.int64),
+            label_answer=self.label_answer[label_idx],
+            label_score=self.label_score[label_idx],
+        )
+
+
+def _ranges(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Concatenation of ``arange(lo[i], hi[i])`` for all i."""
+    lengths = hi - lo
+    if lengths.sum() == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.repeat(lo - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return np.arange(lengths.sum(), dtype=np.int64) + starts
+
+
+def _bad(path: Path, index: int, entry: Any, what: str) -> PretrainDataError:
+    img = f" (img_id {entry.get('img_id')!r})" if isinstance(entry, dict) and "img_id" in entry else ""
+    return PretrainDataError(f"{path}: entry {index}{img}: {what}; {_FORMAT_HINT}")
+
+
+def read_pretrain_json(path: str | Path) -> list[dict]:
+    """Read and check one pretraining JSON file; raises :class:`PretrainDataError` naming the path and the first
+    bad entry (its index and img_id)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise PretrainDataError(f"{path}: no such file (data.train / data.valid)") from err
+    except json.JSONDecodeError as err:
+        raise PretrainDataError(
+            f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
+        ) from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise PretrainDataError(f"{path}: cannot read ({err})") from err
+    if not isinstance(data, list):
+        raise PretrainDataError(
+            f"{path}: the top level is a {type(data).__name__}, not a list; {_FORMAT_HINT}"
+        )
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise _bad(path, i, entry, f"is a {type(entry).__name__}, not an object")
+        img_id = entry.get("img_id")
+        if not isinstance(img_id, str) or not img_id:
+            raise _bad(path, i, entry, "'img_id' is missing or not a non-empty string")
+        sentf = entry.get("sentf")
+        if not isinstance(sentf, dict):
+            raise _bad(path, i, entry, "'sentf' is missing or not an object {source: [sentence, ...]}")
+        for source, sents in sentf.items():
+            if not isinstance(sents, list) or not all(isinstance(s, str) for s in sents):
+                raise _bad(path, i, entry, f"sentf[{source!r}] is not a list of strings")
+        labelf = entry.get("labelf", {})
+        if not isinstance(labelf, dict):
+            raise _bad(path, i, entry, "'labelf' is not an object {source: [{answer: score}, ...]}")
+        for source, labels in labelf.items():
+            if source not in sentf:
+                raise _bad(path, i, entry, f"labelf has source {source!r} that sentf lacks")
+            if not isinstance(labels, list) or len(labels) != len(sentf[source]):
+                raise _bad(
+                    path,
+                    i,
+                    entry,
+                    f"labelf[{source!r}] must be a list with one label per sentence of sentf[{source!r}]",
+                )
+            for label in labels:
+                if not isinstance(label, dict) or not all(
+                    isinstance(a, str) and isinstance(s, (int, float)) and not isinstance(s, bool)
+                    for a, s in label.items()
+                ):
+                    raise _bad(
+                        path, i, entry, f"labelf[{source!r}] holds {label!r}, not an {{answer: score}} object"
+                    )
+    return data
+
+
+def build_corpus(paths: Sequence[str | Path], answers: Sequence[str], limit: int = 0) -> PretrainCorpus:
+    """Flatten the JSON files into a :class:`PretrainCorpus` (one item per (image, source, sentence)).
+
+    ``answers``: the QA answer table (index = label); labels are normalised and pruned to it. ``limit`` > 0
+    keeps the first ``limit`` images (JSON entries in file order). Items of one image are kept together
+    (in the order they appear). Raises :class:`PretrainDataError` for a bad file or when no sentence is found.
+    """
+    if not paths:
+        raise PretrainDataError("no pretraining JSON file given (data.train)")
+    ans2label = {a: i for i, a in enumerate(answers)}
+    per_image: dict[str, list[tuple[int, int, str, dict[int, float]]]] = {}
+    sources: dict[str, int] = {}
+    for path in paths:
+        for entry in read_pretrain_json(path):
+            img_id = entry["img_id"]
+            if limit and img_id not in per_image and len(per_image) >= limit:
+                continue
+            items = per_image.setdefault(img_id, [])
+            labelf = entry.get("labelf", {})
+            for source, sents in entry["sentf"].items():
+                src = sources.setdefault(source, len(sources))
+                labels = labelf.get(source)
+                for pos, sent in enumerate(sents):
+                    label: dict[int, float] = {}
+                    if labels is not None:
+                        for raw, score in labels[pos].items():
+                            ans = ans2label.get(normalize_answer(raw))
+                            if ans is not None:
+                                label[ans] = float(score)  # a later raw answer with the same form overwrites
+                    items.append((src, pos, sent, label))
+    flat = [(g, item) for g, items in enumerate(per_image.values()) for item in items]
+    if not flat:
+        names = ", ".join(str(p) for p in paths)
+        raise PretrainDataError(f"no sentences in {names}: the pretraining data set is empty")
+    encoded = [item[2].encode("utf-8") for _, item in flat]
+    text_lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(flat))
+    label_lengths = np.fromiter((len(item[3]) for _, item in flat), dtype=np.int64, count=len(flat))
+    counts = np.bincount([g for g, _ in flat], minlength=len(per_image))
+    return PretrainCorpus(
+        img_ids=list(per_image),
+        sources=list(sources),
+        image_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        item_image=np.fromiter((g for g, _ in flat), dtype=np.int32, count=len(flat)),
+        item_source=np.fromiter((item[0] for _, item in flat), dtype=np.int16, count=len(flat)),
+        item_pos=np.fromiter((item[1] for _, item in flat), dtype=np.int32, count=len(flat)),
+        text=np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
+        text_start=np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64),
+        label_start=np.concatenate([[0], np.cumsum(label_lengths)]).astype(np.int64),
+        label_answer=np.fromiter(
+            (a for _, item in flat for a in item[3]), dtype=np.int32, count=int(label_lengths.sum())
+        ),
+        label_score=np.fromiter(
+            (s for _, item in flat for s in item[3].values()),
+            dtype=np.float32,
+            count=int(label_lengths.sum()),
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ draws
+@dataclass
+class MaskingOptions:
+    """What an item draws (from :class:`tasks.config.PretrainConfig` and ``data.max_seq_length``)."""
+
+    max_seq_length: int = 20
+    mlm: bool = True
+    word_mask_rate: float = 0.15
+    visual: bool = True  # mask regions (obj / attr / feat losses)
+    obj_mask_rate: float = 0.15
+    matched: bool = True  # draw negatives
+    qa: bool = True
+
+
+def item_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one item's draws: a function of ``(seed, epoch, index)`` only."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index])))
+
+
+def mask_tokens(
+    ids: np.ndarray, rng: np.random.Generator, rate: float, mask_id: int, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking of word-piece ids ``(n,)`` (no special tokens): ``(input ids (n,), labels (n,))``.
+
+    Each piece with p = ``rate``: 80% ``mask_id``, 10% a random id in ``[0, vocab_size)``, 10% kept; label = the
+    original id there, :data:`IGNORE` elsewhere. Draws exactly ``2 n`` numbers from ``rng``.
+    """
+    u = rng.random(len(ids))
+    random_ids = rng.integers(0, vocab_size, len(ids))
+    chosen = u < rate
+    v = u / rate
+    out = ids.copy()
+    out[chosen & (v < 0.8)] = mask_id
+    swap = chosen & (v >= 0.8) & (v < 0.9)
+    out[swap] = random_ids[swap]
+    labels = np.where(chosen, ids, IGNORE)
+    return out, labels
+
+
+class PretrainDataset(Dataset):
+    """Map-style dataset over a :class:`PretrainCorpus`: item ``i`` -> a dict of numpy arrays (see
+    :func:`collate_pretrain` for the batch). ``fixed=True`` (validation): the draws ignore the epoch.
+    """
+
+    def __init__(
+        self,
+        corpus: PretrainCorpus,
+        features: RegionFeatures,
+        tokenizer: LxmertTokenizer,
+        options: MaskingOptions,
+        seed: int,
+        *,
+        fixed: bool = False,
+    ) -> None:
+        if len(corpus) == 0:
+            raise PretrainDataError("the pretraining data set is empty")
+        if options.matched and corpus.num_images < 2:
+            raise PretrainDataError(
+                f"cross-modality matching needs sentences of at least 2 images, the data has {corpus.num_images}; "
+                "add data or set pretrain.matched: false"
+            )
+        self.corpus = corpus
+        self.features = features
+        self.tokenizer = tokenizer
+        self.options = options
+        self.seed = seed
+        self.fixed = fixed
+        self.epoch = 0
+        self.vocab_size = tokenizer.vocab_size
+        self.cls_id, self.sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+        self.mask_id, self.pad_id = tokenizer.mask_token_id, tokenizer.pad_token_id
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def generator(self, index: int) -> np.random.Generator:
+        if self.fixed:
+            return np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, index])))
+        return item_generator(self.seed, self.epoch, index)
+
+    def _other_image_item(self, index: int, rng: np.random.Generator) -> int:
+        """A uniformly drawn item whose image differs from item ``index``'s (items are grouped by image)."""
+        corpus = self.corpus
+        g = int(corpus.item_image[index])
+        lo, hi = int(corpus.image_start[g]), int(corpus.image_start[g + 1])
+        r = int(rng.integers(0, len(corpus) - (hi - lo)))
+        return r if r < lo else r + (hi - lo)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        corpus, opts = self.corpus, self.options
+        rng = self.generator(index)
+        sentence_item, matched = index, 1
+        if opts.matched and rng.random() < 0.5:
+            sentence_item, matched = self._other_image_item(index, rng), 0
+
+        # Language: word pieces truncated before masking, then [CLS] ... [SEP], padded to max_seq_length.
+        pieces = self.tokenizer.tokenize(corpus.sentence(sentence_item))[: opts.max_seq_length - 2]
+        ids = np.asarray(self.tokenizer.convert_tokens_to_ids(pieces), dtype=np.int64)
+        labels = np.full(len(ids), IGNORE, dtype=np.int64)
+        if opts.mlm:
+            ids, labels = mask_tokens(ids, rng, opts.word_mask_rate, self.mask_id, self.vocab_size)
+        length = opts.max_seq_length
+        input_ids = np.full(length, self.pad_id, dtype=np.int64)
+        input_ids[: len(ids) + 2] = [self.cls_id, *ids, self.sep_id]
+        mlm_labels = np.full(length, IGNORE, dtype=np.int64)
+        mlm_labels[1 : len(ids) + 1] = labels
+        attention_mask = np.zeros(length, dtype=np.int64)
+        attention_mask[: len(ids) + 2] = 1
+
+        # Vision: masked regions (zeroed / a random region of a random item's image / kept).
+        regions = self.features[corpus.img_id(index)]
+        n = regions.num_boxes
+        feats = regions.features
+        feat_mask = np.zeros(n, dtype=np.float32)
+        if opts.visual and n:
+            u = rng.random(n)
+            chosen = u < opts.obj_mask_rate
+            v = u / opts.obj_mask_rate
+            feats = feats.copy()
+            feats[chosen & (v < 0.8)] = 0.0
+            for r in np.flatnonzero(chosen & (v >= 0.8) & (v < 0.9)):
+                other = self.features[corpus.img_id(int(rng.integers(0, len(corpus))))]
+                if other.num_boxes:
+                    feats[r] = other.features[int(rng.integers(0, other.num_boxes))]
+            feat_mask[chosen] = 1.0
+
+        # QA: matched pairs with a label; the target drawn in proportion to the scores.
+        answers, scores = corpus.label(index)
+        qa_target = IGNORE
+        if opts.qa and matched and len(answers):
+            weights = scores.astype(np.float64)
+            if len(answers) == 1:
+                qa_target = int(answers[0])
+            elif weights.sum() > 0:
+                qa_target = int(answers[rng.choice(len(answers), p=weights / weights.sum())])
+        return {
+            "uid": corpus.uid(index),
+            "sentence_uid": corpus.uid(sentence_item),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mlm_labels": mlm_labels,
+            "regions": regions,
+            "masked_feats": feats,
+            "feat_mask": feat_mask,
+            "matched_label": matched,
+            "qa_target": qa_target,
+            "qa_answers": answers if matched else answers[:0],
+            "qa_scores": scores if matched else scores[:0],
+        }
+
+
+def collate_pretrain(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items into a batch (regions padded to the batch's largest ``n``: padded regions weigh 0).
+
+    - ``input_ids``, ``attention_mask``, ``token_type_ids``, ``mlm_labels`` ``(B, L)`` int64 (-100 = no MLM label);
+    - ``visual_feats`` ``(B, V, D)`` (masked), ``visual_pos`` ``(B, V, 4)`` in [0, 1], ``visual_attention_mask``
+      ``(B, V)`` only when some image has fewer than ``V`` regions;
+    - ``obj_ids`` / ``attr_ids`` ``(B, V)`` int64 (-100 on padding), ``obj_conf`` / ``attr_conf`` ``(B, V)`` float32
+      detector confidences (0 on padding); ``feat_target`` ``(B, V, D)`` the unmasked features, ``feat_mask``
+      ``(B, V)`` 1 = masked region;
+    - ``matched_label`` ``(B,)``, ``qa_target`` ``(B,)`` (-100 = none), ``qa_answers`` ``(B, K)`` int64 (-1 pad) and
+      ``qa_scores`` ``(B, K)`` float32: the soft label of matched items (for QA accuracy); ``uid``: list of str.
+    """
+    batch_size = len(items)
+    regions = [it["regions"] for it in items]
+    visual = collate_regions(regions)
+    num = visual["visual_feats"].shape[1]
+    masked = collate_regions([replace(r, features=it["masked_feats"]) for r, it in zip(regions, items)])
+    obj_ids = np.full((batch_size, num), IGNORE, dtype=np.int64)
+    attr_ids = np.full((batch_size, num), IGNORE, dtype=np.int64)
+    obj_conf = np.zeros((batch_size, num), dtype=np.float32)
+    attr_conf = np.zeros((batch_size, num), dtype=np.float32)
+    feat_mask = np.zeros((batch_size, num), dtype=np.float32)
+    width = max(1, max(len(it["qa_answers"]) for it in items))
+    qa_answers = np.full((batch_size, width), -1, dtype=np.int64)
+    qa_scores = np.zeros((batch_size, width), dtype=np.float32)
+    for i, (r, it) in enumerate(zip(regions, items)):
+        n = r.num_boxes
+        obj_ids[i, :n], obj_conf[i, :n] = r.obj_ids, r.obj_conf
+        attr_ids[i, :n], attr_conf[i, :n] = r.attr_ids, r.attr_conf
+        feat_mask[i, :n] = it["feat_mask"]
+        k = len(it["qa_answers"])
+        qa_answers[i, :k], qa_scores[i, :k] = it["qa_answers"], it["qa_scores"]
+    input_ids = torch.from_numpy(np.stack([it["input_ids"] for it in items]))
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": torch.from_numpy(np.stack([it["attention_mask"] for it in items])),
+        "token_type_ids": torch.zeros_like(input_ids),
+        "mlm_labels": torch.from_numpy(np.stack([it["mlm_labels"] for it in items])),
+        "visual_feats": masked["visual_feats"],
+        "visual_pos": visual["visual_pos"],
+        "obj_ids": torch.from_numpy(obj_ids),
+        "obj_conf": torch.from_numpy(obj_conf),
+        "attr_ids": torch.from_numpy(attr_ids),
+        "attr_conf": torch.from_numpy(attr_conf),
+        "feat_target": visual["visual_feats"],
+        "feat_mask": torch.from_numpy(feat_mask),
+        "matched_label": torch.tensor([it["matched_label"] for it in items], dtype=torch.int64),
+        "qa_target": torch.tensor([it["qa_target"] for it in items], dtype=torch.int64),
+        "qa_answers": torch.from_numpy(qa_answers),
+        "qa_scores": torch.from_numpy(qa_scores),
+        "uid": [it["uid"] for it in items],
+    }
+    if "visual_attention_mask" in visual:
+        batch["visual_attention_mask"] = visual["visual_attention_mask"]
+    return batch
