@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from extract import runner as runner_module
+from extract import weights as weights_module
 from extract.runner import (
     AspectRatioGrouper,
     DuplicateIdError,
@@ -19,13 +24,14 @@ from extract.runner import (
     SetupError,
     assign_ids,
     collect_images,
+    extractor_settings,
     failures_path,
     find_images,
     read_image_list,
     run_extraction,
     write_failures,
 )
-from extract.store import FIELDS, FeatureStore
+from extract.store import FIELDS, FeatureStore, FeatureWriter, open_metadata
 
 SMALL = {"min_size": 64, "max_size": 112}  # tiny resized images keep the detector fast
 
@@ -333,3 +339,75 @@ def test_write_failures_is_atomic_and_sorted(tmp_path: Path) -> None:
     write_failures(path, [])
     assert path.read_text() == "" and [p.name for p in tmp_path.iterdir()] == [path.name]
     assert failures_path(str(tmp_path / "out.lmdb") + "/") == tmp_path / "out.lmdb.failures.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def test_weights_hashed_once_recorded_and_checked(
+    tmp_path: Path, detector, monkeypatch, caplog, capsys
+) -> None:
+    """A run with a weights file hashes it once (while loading it), records sha256 and layout in the store,
+    names them in the summary, and refuses to resume the store with another file."""
+    weights = tmp_path / "tiny.pth"
+    torch.save(detector.state_dict(), weights)
+    sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    hashed: list[str] = []
+    real_sha256 = weights_module.file_sha256
+
+    def counting_sha256(path):
+        hashed.append(str(path))
+        return real_sha256(path)
+
+    monkeypatch.setattr(weights_module, "file_sha256", counting_sha256)
+    monkeypatch.setattr(runner_module, "file_sha256", counting_sha256)
+    _mixed_images(tmp_path / "imgs")
+    items = collect_images(tmp_path / "imgs")[:2]
+    out = tmp_path / "w.lmdb"
+    config = _config(out, random_weights=False, weights=str(weights), device="cpu")
+
+    with caplog.at_level(logging.INFO, logger="extract"):
+        summary = run_extraction(config, items)  # detector built from the config: weights loaded here
+    assert hashed == [str(weights)]
+    assert capsys.readouterr() == ("", "")  # the library logs; only the CLI prints
+    assert any("2 images -> " in r.getMessage() for r in caplog.records)
+    stored = open_metadata(out)["extractor"]
+    assert (stored["weights"], stored["weights_sha256"]) == ("tiny.pth", sha)
+    assert stored["weights_layout"] == summary.weights_layout
+    assert summary.weights_sha256 == sha and f"weights tiny.pth (sha256 {sha[:12]}" in summary.format()
+
+    hashed.clear()  # a detector built by the caller: the file is hashed here instead, still once
+    again = run_extraction(config, items, detector=detector)
+    assert hashed == [str(weights)] and (again.done, again.skipped) == (0, 2)
+
+    other = tmp_path / "v2" / "tiny.pth"  # same name, other tensors
+    other.parent.mkdir()
+    state = detector.state_dict()
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    torch.save({**state, key: state[key] + 1}, other)
+    with pytest.raises(SetupError, match="weights_sha256: stored '" + sha):
+        run_extraction(_config(out, random_weights=False, weights=str(other), device="cpu"), items)
+    assert open_metadata(out)["extractor"] == stored
+
+
+def test_old_store_without_weights_layout_resumes(tmp_path: Path, detector) -> None:
+    """Stores written before ``weights_layout`` was recorded resume: it follows from the sha256."""
+    _mixed_images(tmp_path / "imgs")
+    items = collect_images(tmp_path / "imgs")[:2]
+    out = tmp_path / "old.lmdb"
+    config = _config(out)
+    old = {k: v for k, v in extractor_settings(config, None).items() if k != "weights_layout"}
+    with FeatureWriter(out, old) as writer:
+        writer.put(
+            items[0].img_id, detector.extract([torch.zeros(3, 64, 64)], [(64, 64)], config.selection)[0]
+        )
+    summary = run_extraction(config, items, detector=detector)
+    assert (summary.done, summary.skipped) == (1, 1)
+
+
+def test_config_choices_are_checked() -> None:
+    with pytest.raises(
+        ValueError, match=r"ExtractConfig\.amp must be one of 'none', 'fp16', 'bf16', got 'fp8'"
+    ):
+        _config(Path("x.lmdb"), amp="fp8")
+    with pytest.raises(ValueError, match=r"ExtractConfig\.features_dtype must be one of"):
+        _config(Path("x.lmdb"), features_dtype="float64")
+    assert _config(Path("x.lmdb"), batch_size=None, device="cpu").batch_size == 1
