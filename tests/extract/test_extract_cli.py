@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from extract import cli
 from extract.cli import build_parser, config_from_args, main
-from extract.store import FIELDS, open_metadata, verify_store
+from extract.config import AMP_DTYPES, ExtractConfig, default_workers
+from extract.image_list import ID_MODES
+from extract.outcome import ExtractSummary
+from extract.runner import ExtractionInterrupted
+from extract.selection import RULES
+from extract.store import FEATURES_DTYPES, FIELDS, open_metadata, verify_store
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--random-weights", "--config", "vg_tiny", "--min-size", "64", "--max-size", "112", "--no-progress"]
@@ -120,6 +126,34 @@ def test_bad_arguments_exit_2(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as info:
         main([str(tmp_path), str(tmp_path / "o.lmdb"), "--amp", "fp8"])
     assert info.value.code == 2
+
+
+def test_flags_come_from_the_config_dataclass() -> None:
+    """Choices and defaults are ExtractConfig's: parsing no option gives ExtractConfig's own defaults."""
+    actions = {a.dest: a for a in build_parser()._actions}
+    assert tuple(actions["amp"].choices) == tuple(AMP_DTYPES)
+    assert tuple(actions["features_dtype"].choices) == FEATURES_DTYPES
+    assert tuple(actions["id_from"].choices) == ID_MODES
+    assert tuple(actions["selection"].choices) == RULES
+    assert actions["workers"].default == default_workers()
+    args = build_parser().parse_args(["imgs", "out.lmdb", "--random-weights", "--device", "cpu"])
+    config, images_dir = config_from_args(args)
+    assert images_dir == "imgs"
+    assert config == ExtractConfig(out="out.lmdb", random_weights=True, device="cpu")
+
+
+def test_interrupted_run_prints_its_summary(tmp_path: Path, capsys, monkeypatch) -> None:
+    _images(tmp_path / "imgs", 1)
+    out = str(tmp_path / "out.lmdb")
+
+    def interrupted(config, items):
+        raise ExtractionInterrupted(ExtractSummary(total=3, done=1, interrupted=True, out=config.out))
+
+    monkeypatch.setattr(cli, "run_extraction", interrupted)
+    assert main([str(tmp_path / "imgs"), out, *FAST]) == 130
+    captured = capsys.readouterr()
+    assert "extract-features: INTERRUPTED: 3 images: 1 done" in captured.out
+    assert "run the same command again to resume" in captured.err
 
 
 def test_default_batch_size_follows_the_device() -> None:
