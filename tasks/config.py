@@ -75,6 +75,9 @@ class TrainLoopConfig:
     log_every: int = 10
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     eval_every_epoch: bool = True
+    # DDP: parameters without a gradient in some steps (heads of absent labels, pruned last layers) are
+    # allowed; false is a little faster when every parameter gets a gradient in every step
+    find_unused_parameters: bool = True
 
 
 @dataclass
@@ -97,7 +100,11 @@ class FinetuneConfig:
     """VQA / GQA / NLVR2 fine-tuning."""
 
     loss: Literal["bce", "ce"] = "bce"  # VQA / GQA: BCE on soft scores x num_answers; GQA may use CE
-    annotations: str = ""  # raw official annotations of the valid split: official metric during training
+    # raw official file of the valid split (VQA annotations, GQA questions, NLVR2 jsonl): official metric too
+    annotations: str = ""
+    # the answer table of the --load checkpoint's QA head (all_ans.json for the 9500-answer pretraining head);
+    # empty = the label2ans.json beside the checkpoint
+    pretrain_answers: str = ""
 
 
 @dataclass
