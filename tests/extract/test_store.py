@@ -14,18 +14,23 @@ import torch
 
 from extract.store import (
     FIELDS,
+    SCHEMA,
     SCHEMA_VERSION,
     FeatureStore,
     FeatureWriter,
+    Record,
     StoreError,
     StoreSettingsMismatch,
+    check_compatible,
     decode_record,
     encode_record,
     export_h5,
     merge_stores,
+    normalize_boxes,
     open_metadata,
     verify_store,
 )
+from extract.store import env as store_env
 
 EXTRACTOR = {
     "weights": "x.pkl",
@@ -79,6 +84,30 @@ def test_record_round_trip_exact(n):
     assert_same(out, rec)
     assert out["features"].dtype == np.float32 and out["boxes"].dtype == np.float32
     assert out["obj_ids"].dtype == np.int64 and out["attr_conf"].dtype == np.float32
+
+
+def test_store_returns_the_declared_schema(tmp_path):
+    """What a dataset gets from ``store[img_id]`` is exactly :class:`Record`, with SCHEMA's dtypes and shapes."""
+    write_store(tmp_path / "s", ["a"])
+    with FeatureStore(tmp_path / "s") as store:
+        rec = store["a"]
+    assert set(rec) == set(Record.__annotations__) == {*FIELDS, "img_h", "img_w", "num_boxes"}
+    n, dim = rec["num_boxes"], store.metadata["feature_dim"]
+    for spec in SCHEMA:
+        assert rec[spec.name].shape == spec.expected_shape(n, dim), spec.name
+        assert rec[spec.name].dtype == np.dtype(spec.dtype or store.metadata["features_dtype"]), spec.name
+    assert [spec.name for spec in SCHEMA] == list(FIELDS) == list(store.metadata["fields"])
+
+
+def test_normalized_boxes_in_unit_square(tmp_path):
+    write_store(tmp_path / "s", ["a"])
+    with FeatureStore(tmp_path / "s", normalize_boxes=True) as store:
+        boxes = store["a"]["boxes"]
+    want = make_record(0)["boxes"] / np.array([640, 480, 640, 480], np.float32)
+    np.testing.assert_allclose(boxes, np.clip(want, 0, 1), rtol=1e-6)
+    np.testing.assert_array_equal(
+        normalize_boxes(np.array([[-5, 0, 700, 240]], np.float32), 480, 640), [[0, 0, 1, 0.5]]
+    )
 
 
 def test_record_float16_and_casts():
@@ -227,6 +256,28 @@ def test_settings_mismatch_dtype_and_dim(tmp_path):
     assert len(FeatureStore(path)) == 1
 
 
+def test_one_settings_check_names_every_difference():
+    meta = {"features_dtype": "float32", "extractor": {**EXTRACTOR, "weights_layout": "detectron2"}}
+    ok = dict(where="s.lmdb", fix="do X")
+    check_compatible(meta, extractor={**EXTRACTOR, "weights_layout": "hf"}, features_dtype="float32", **ok)
+    check_compatible(meta, extractor={"weights": "x.pkl"}, features_dtype=None, ignore=set(EXTRACTOR), **ok)
+    check_compatible(
+        {"features_dtype": "float32", "extractor": None}, extractor=EXTRACTOR, features_dtype=None, **ok
+    )
+    with pytest.raises(StoreSettingsMismatch) as err:
+        check_compatible(
+            meta, extractor={**EXTRACTOR, "max_boxes": 100, "new": 1}, features_dtype="float32", **ok
+        )
+    assert str(err.value) == (
+        "s.lmdb: extractor settings differ in ['max_boxes', 'new'] (max_boxes: stored 36, now 100, "
+        "new: stored '<absent>', now 1); do X"
+    )
+    with pytest.raises(
+        StoreSettingsMismatch, match="s.lmdb: float32 features stored, float16 features asked for; do X"
+    ):
+        check_compatible(meta, extractor=None, features_dtype="float16", **ok)
+
+
 def test_float16_store(tmp_path):
     write_store(tmp_path / "s", ["a"], features_dtype="float16")
     with FeatureStore(tmp_path / "s") as store:
@@ -249,13 +300,11 @@ def test_reader_and_writer_in_one_process(tmp_path):
 
 
 def test_reader_remaps_without_changing_results(tmp_path, monkeypatch):
-    from extract.store import env as store_module
-
     ids = [f"img{i}" for i in range(12)]
     write_store(tmp_path / "s", ids)
     opened = []
-    real_open = store_module._open_env
-    monkeypatch.setattr(store_module, "_open_env", lambda *a: opened.append(a) or real_open(*a))
+    real_open = store_env._open_env
+    monkeypatch.setattr(store_env, "_open_env", lambda *a: opened.append(a) or real_open(*a))
     store = FeatureStore(tmp_path / "s", remap_every_bytes=3 * 36 * 64 * 4)  # every 3 records
     for _ in range(2):
         for i, img_id in enumerate(ids):
@@ -263,7 +312,7 @@ def test_reader_remaps_without_changing_results(tmp_path, monkeypatch):
     assert len(opened) == 1 + 24 // 3  # the first open, then one re-open per 3 records
     assert list(store) == sorted(ids) and len(store) == 12
     store.close()
-    assert os.path.realpath(tmp_path / "s") not in store_module.ENVS
+    assert os.path.realpath(tmp_path / "s") not in store_env.ENVS
 
 
 def test_threads_read_while_remapping(tmp_path):
