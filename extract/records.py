@@ -189,7 +189,7 @@ def _validated_arrays(
     return out, img_h, img_w
 
 
-def encode_record(record: dict, features_dtype: str = "float32", *, img_id: str = "?") -> bytes:
+def encode_record(record: dict, features_dtype: FeaturesDtype = "float32", *, img_id: str = "?") -> bytes:
     """Serialise one image's regions to a safetensors blob.
 
     ``record`` holds the six :data:`FIELDS` as arrays (numpy or CPU torch) plus ``img_h``/``img_w`` (ints,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from extract.records import FeaturesDtype
 from extract.store import FeatureWriter, StoreError
 
 __all__ = ["TSV_FIELDS", "TsvFormatError", "ImportReport", "parse_tsv_line", "iter_tsv", "import_tsv"]
@@ -192,7 +193,7 @@ def import_tsv(
     tsv_path: str | os.PathLike,
     out_path: str | os.PathLike,
     strict: bool = False,
-    features_dtype: str = "float32",
+    features_dtype: FeaturesDtype = "float32",
     *,
     overwrite: bool = False,
     progress: bool = False,

@@ -11,7 +11,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from extract.records import StoreError, check_features_dtype, encode_record, header_info
+from extract.records import FeaturesDtype, StoreError, check_features_dtype, encode_record, header_info
 from extract.store.env import (
     IDS_DB_NAME,
     MAX_RETRIES,
@@ -61,7 +61,7 @@ class FeatureWriter:
         path: str | os.PathLike,
         extractor: dict | None = None,
         *,
-        features_dtype: str = "float32",
+        features_dtype: FeaturesDtype = "float32",
         overwrite: bool = False,
         commit_every: int = 64,
         map_size: int = 1 << 30,
