@@ -42,13 +42,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a default only when there is one (not None / False) and the help does not state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lxmert-data",
         description="Convert official VQA v2 / GQA / NLVR2 files and the easy-VQA demo data to LXMERT's JSON.",
     )
     sub = p.add_subparsers(dest="dataset", required=True, metavar="{vqa,gqa,nlvr2,easy-vqa}")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     v = sub.add_parser(
         "vqa",
@@ -79,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--min-answer-count",
         type=_positive_int,
+        metavar="N",
         default=9,
         help="a built table keeps normalised multiple-choice answers of at least this many questions",
     )
@@ -101,8 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(one per line); without it the --minival-size images with the smallest sha256('<seed>:<image_id>') "
         "(reproducible anywhere)",
     )
-    g.add_argument("--minival-size", type=_positive_int, default=DEFAULT_MINIVAL_SIZE, help="minival images")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the minival image choice")
+    g.add_argument(
+        "--minival-size", type=_positive_int, default=DEFAULT_MINIVAL_SIZE, metavar="N", help="minival images"
+    )
+    g.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, metavar="S", help="seed of the minival image choice"
+    )
     g.add_argument(
         "--write-minival-images", metavar="FILE", help="also write the minival image names, one per line"
     )

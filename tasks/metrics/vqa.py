@@ -21,6 +21,7 @@ question id in the predictions keeps the last entry, as the official's index doe
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -122,8 +123,10 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def official_normalize(text: str) -> str:
-    """:func:`process_punctuation` then :func:`process_digit_article` (what step 2 applies)."""
+    """:func:`process_punctuation` then :func:`process_digit_article` (what step 2 applies; cached: the
+    same few answers recur across a split)."""
     return process_digit_article(process_punctuation(text))
 
 
@@ -140,10 +143,11 @@ def question_accuracy(answers: list[Mapping[str, Any]], prediction: str) -> floa
         for e in entries:
             e["answer"] = official_normalize(e["answer"])
         pred = official_normalize(pred)
+    matching = [e for e in entries if e["answer"] == pred]
     accs = []
     for left_out in entries:
-        others = [e for e in entries if e != left_out]
-        matches = sum(1 for e in others if e["answer"] == pred)
+        # matches among the entries not equal to the left-out one
+        matches = len(matching) - sum(1 for e in matching if e == left_out)
         accs.append(min(1.0, matches / 3))
     return sum(accs) / len(accs)
 

@@ -200,6 +200,37 @@ def test_vqa_cli(tmp_path, capsys):
     assert items[0]["label"] == {"yes": 1.0, "no": 0.9, "maybe": 0.6}
     assert "wrote 2 items (minival of 3 questions)" in capsys.readouterr().out
 
+    # no list given: the --minival-size images with the smallest sha256("<seed>:<image_id>")
+    first = min((42, 7), key=lambda i: hashlib.sha256(f"11:{i}".encode()).hexdigest())
+    names = tmp_path / "minival_images.txt"
+    nomini = tmp_path / "nominival.json"
+    split = [
+        "--subset",
+        "nominival",
+        "--minival-size",
+        "1",
+        "--seed",
+        "11",
+        "--write-minival-images",
+        str(names),
+    ]
+    argv = [
+        "vqa",
+        "--questions",
+        str(q),
+        "--annotations",
+        str(a),
+        "--out",
+        str(nomini),
+        "--answers",
+        str(table),
+    ]
+    assert data_main([*argv, *split]) == 0
+    assert names.read_text() == f"COCO_val2014_{first:012d}\n"
+    other = ({42, 7} - {first}).pop()
+    assert {it["img_id"] for it in json.loads(nomini.read_text())} == {f"COCO_val2014_{other:012d}"}
+    capsys.readouterr()
+
     # no table given: built from the annotations and written beside the output
     built = tmp_path / "train.json"
     argv = [
