@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from extract.records import FeaturesDtype
 from extract.store import FeatureWriter, StoreError
@@ -209,8 +210,6 @@ def import_tsv(
     to ``on_error``); with ``strict`` the first one raises :class:`TsvFormatError` (records before it stay).
     ``feature_dim``: expected D (2048; None infers it per line, the store then enforces one D).
     """
-    from tqdm import tqdm
-
     tsv_path = Path(tsv_path)
     if not tsv_path.is_file():
         raise StoreError(f"{tsv_path}: TSV file not found")
