@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--questions", metavar="Q.json", help="official questions file (checked against the annotations)"
     )
+    v.add_argument(
+        "--only-predicted",
+        action="store_true",
+        help="score only the annotated questions that have a prediction (e.g. minival predictions against the "
+        "val2014 annotations); the official needs predictions for every annotated question",
+    )
     v.add_argument("--out", metavar="SCORES.json", help="write the scores as JSON")
 
     g = sub.add_parser(
@@ -104,6 +110,7 @@ def run_vqa(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         read_json(args.annotations, "VQA annotations file"),
         read_json(args.predictions, "predictions file"),
         read_json(args.questions, "VQA questions file") if args.questions else None,
+        only_predicted=args.only_predicted,
         annotations_source=args.annotations,
         predictions_source=args.predictions,
         questions_source=args.questions or "questions",

@@ -212,6 +212,9 @@ def _check_coverage(qids: list[Any], pred: Mapping[Any, str], source: str) -> No
     ]
     if missing:
         lines.append(f"  {len(missing)} missing: {preview(missing)}")
+        lines.append(
+            "  (to score a subset, e.g. minival against the val2014 annotations: lxmert-eval vqa --only-predicted)"
+        )
     if extra:
         lines.append(f"  {len(extra)} not in the annotations: {preview(extra)}")
         as_str = {str(q) for q in want}
@@ -225,6 +228,7 @@ def evaluate_vqa(
     predictions: Any,
     questions: Any = None,
     *,
+    only_predicted: bool = False,
     annotations_source: str = "annotations",
     predictions_source: str = "predictions",
     questions_source: str = "questions",
@@ -237,6 +241,8 @@ def evaluate_vqa(
         questions: optional official questions document; when given, every annotated question must be in
             it, and for ``task_type == "Multiple Choice"`` (VQA v1) the prediction must be one of the
             question's ``multiple_choices`` (both as the official ``loadRes``).
+        only_predicted: score only the annotated questions that have a prediction (e.g. minival predictions
+            against the whole val2014 file); not the official's behaviour, which needs exact coverage.
         *_source: names (file paths) used in error messages.
 
     Returns:
@@ -254,6 +260,9 @@ def evaluate_vqa(
         dups = [q for q in qids if q in seen or seen.add(q)]
         raise MetricInputError(f"{annotations_source}: repeated question ids: {preview(sorted(set(dups)))}")
     pred = _prediction_map(predictions, predictions_source)
+    if only_predicted:
+        anns = [a for a in anns if a["question_id"] in pred]
+        qids = [a["question_id"] for a in anns]
     _check_coverage(qids, pred, predictions_source)
     if questions is not None:
         _check_questions(questions, qids, pred, questions_source)

@@ -78,6 +78,8 @@ def test_vqa_missing_predictions_exit_2(vqa_files, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "lxmert-eval vqa: error:" in err and "2 missing: 2, 3" in err
     assert not out.exists()
+    assert main(["vqa", "--annotations", a, "--predictions", p, "--only-predicted", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["perQuestion"] == {"1": 100.0}
     assert main(["vqa", "--annotations", str(tmp_path / "nope.json"), "--predictions", p]) == 2
     assert "nope.json does not exist" in capsys.readouterr().err
 
