@@ -8,11 +8,12 @@ Detectron2 is extended the way it is meant to be, with no fork and no patching:
 - Detectron2's own ``RPN`` / ``StandardRPNHead`` (512 hidden channels, 12 anchors per position).
 - ``VGRes5ROIHeads`` (in ``ROI_HEADS_REGISTRY``): Detectron2's ``Res5ROIHeads`` with RoIPool 14x14 at
   scale 1/16, res5 at stride 1 with dilation ``MODEL.RESNETS.RES5_DILATION`` (2) in its 3x3 convs, and
-  :class:`VGAttributePredictor` (1601-way classifier with background LAST, class-specific boxes 1601*4,
-  attribute head).
+  :class:`VGAttributePredictor` (1601-way classifier with background LAST, class-specific boxes for the
+  1600 foreground classes (6400 rows, as in Detectron2 and every published conversion), attribute head).
 
-Module names follow Detectron2's, so py-bottom-up-attention's weight pickle loads without renaming
-(``backbone.res4.22.conv3.weight``, ``roi_heads.box_predictor.attr_score.bias`` ...).
+Module names and tensor layouts follow Detectron2's, so py-bottom-up-attention's weight pickle loads without
+renaming (``backbone.res4.22.conv3.weight``, ``roi_heads.box_predictor.attr_score.bias`` ...); the other
+published conversions are mapped onto them by :mod:`extract.weight_layouts`.
 
 Input convention: images are (3, H, W) float32 **BGR** in 0..255, already resized by the caller; the model
 subtracts ``MODEL.PIXEL_MEAN`` (Caffe means, std 1). Boxes are x1, y1, x2, y2 in pixels.
@@ -38,7 +39,14 @@ from detectron2.modeling.roi_heads.roi_heads import Res5ROIHeads, ROIHeads
 from detectron2.structures import Boxes, ImageList
 from torch import nn
 
-from extract.selection import BoxSelection, Selected, caffe_max_scores_batched, select_caffe, select_maxnms
+from extract.selection import (
+    BoxSelection,
+    Selected,
+    caffe_max_scores_batched,
+    class_deltas,
+    select_caffe,
+    select_maxnms,
+)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -151,9 +159,10 @@ class VGAttributePredictor(nn.Module):
     """Box classifier, class-specific box regressor and attribute head over pooled region features.
 
     Layers (names as in py-bottom-up-attention): ``cls_score`` D -> K+1 (background LAST),
-    ``bbox_pred`` D -> (K+1)*4, ``cls_embedding`` Embedding(K+1, E), ``fc_attr`` (D+E) -> H,
-    ``attr_score`` H -> A+1 ("no attribute" LAST). The class fed to the embedding is the argmax over all
-    K+1 logits (background included), as in that port.
+    ``bbox_pred`` D -> K*4 (deltas of foreground class c in columns 4c..4c+3; none for background, as in
+    Detectron2), ``cls_embedding`` Embedding(K+1, E), ``fc_attr`` (D+E) -> H, ``attr_score`` H -> A+1
+    ("no attribute" LAST). The class fed to the embedding is the argmax over all K+1 logits (background
+    included), as in that port.
     """
 
     def __init__(
@@ -168,7 +177,7 @@ class VGAttributePredictor(nn.Module):
         self.num_classes = num_classes
         self.num_attributes = num_attributes
         self.cls_score = nn.Linear(in_dim, num_classes + 1)
-        self.bbox_pred = nn.Linear(in_dim, (num_classes + 1) * 4)
+        self.bbox_pred = nn.Linear(in_dim, num_classes * 4)
         self.cls_embedding = nn.Embedding(num_classes + 1, embed_dim)
         self.fc_attr = nn.Linear(in_dim + embed_dim, hidden_dim)
         self.attr_score = nn.Linear(hidden_dim, num_attributes + 1)
@@ -178,7 +187,7 @@ class VGAttributePredictor(nn.Module):
             nn.init.constant_(layer.bias, 0.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (R, D) mean-pooled region features -> class logits (R, K+1), box deltas (R, (K+1)*4),
+        """x: (R, D) mean-pooled region features -> class logits (R, K+1), box deltas (R, K*4),
         attribute logits (R, A+1)."""
         cls_logits = self.cls_score(x)
         deltas = self.bbox_pred(x)
@@ -440,7 +449,8 @@ class VGDetector(nn.Module):
         """One image: selection, label/attribute argmax, boxes back to original pixels -> store record.
 
         ``fg`` (R, K): softmax over all K+1 class logits with the background column (last) dropped;
-        ``deltas`` (R, (K+1)*4); ``attr_logits`` (R, A+1); ``proposal_boxes`` (R, 4) in input pixels.
+        ``deltas`` (R, K*4), foreground class c in columns 4c..4c+3; ``attr_logits`` (R, A+1);
+        ``proposal_boxes`` (R, 4) in input pixels.
         """
         num_attr = self.roi_heads.box_predictor.num_attributes
         if selection.rule == "caffe":
@@ -449,10 +459,7 @@ class VGDetector(nn.Module):
             max_scores, max_cls = (
                 fg.max(dim=1) if len(fg) else (fg.new_zeros(0), fg.new_zeros(0, dtype=torch.long))
             )
-            cls_deltas = deltas.view(len(deltas), fg.shape[1] + 1, 4)[
-                torch.arange(len(deltas), device=deltas.device), max_cls
-            ]
-            class_boxes = self.box2box.apply_deltas(cls_deltas, proposal_boxes)
+            class_boxes = self.box2box.apply_deltas(class_deltas(deltas, max_cls), proposal_boxes)
             class_boxes = Boxes(class_boxes)
             class_boxes.clip(input_size)
             chosen = select_maxnms(class_boxes.tensor, max_scores, selection)

@@ -10,7 +10,8 @@ the top ``min_boxes`` by score are taken instead; at most ``max_boxes`` are kept
 (unregressed) proposal boxes.
 
 ``"maxnms"``: py-bottom-up-attention's "maxnms" script and the Hugging Face demo. Each proposal takes its
-maximum foreground score and the box regressed for that class; class-agnostic greedy NMS starting at IoU
+maximum foreground score and the box regressed for that class (:func:`class_deltas`: foreground class c's
+deltas are columns 4c..4c+3); class-agnostic greedy NMS starting at IoU
 ``nms_thresh``, raised by 0.1 until at least ``min_boxes`` survive (the last threshold tried is the largest
 below 1.0, 0.9 from 0.3, as in that script);
 the top ``max_boxes`` by score are kept. The stored boxes are the regressed boxes. ``conf_thresh`` is not
@@ -210,6 +211,23 @@ def select_caffe(
     else:
         keep = _top_stable(max_conf, passing, selection.max_boxes)
     return Selected(keep=keep, boxes=proposal_boxes[keep].float(), scores=max_conf[keep])
+
+
+def class_deltas(deltas: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Each region's box deltas for one foreground class.
+
+    Args:
+        deltas: (R, K*4) the box predictor's class-specific deltas, Detectron2's layout: foreground class c
+            (0..K-1) in columns 4c..4c+3 (dx, dy, dw, dh); no columns for background.
+        classes: (R,) int64 foreground class per region, in 0..K-1.
+
+    Returns:
+        (R, 4) the deltas of ``classes[r]`` for each region r.
+    """
+    if deltas.dim() != 2 or deltas.shape[1] % 4:
+        raise ValueError(f"box deltas of shape {tuple(deltas.shape)}; expected (R, K*4)")
+    per_class = deltas.view(deltas.shape[0], deltas.shape[1] // 4, 4)
+    return per_class[torch.arange(deltas.shape[0], device=deltas.device), classes]
 
 
 def select_maxnms(class_boxes: torch.Tensor, max_scores: torch.Tensor, selection: BoxSelection) -> Selected:

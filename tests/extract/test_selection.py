@@ -10,6 +10,7 @@ from extract.selection import (
     BoxSelection,
     caffe_max_scores,
     caffe_max_scores_batched,
+    class_deltas,
     greedy_nms_per_class,
     select_caffe,
     select_maxnms,
@@ -159,3 +160,16 @@ def test_batched_per_class_nms_equals_one_image_at_a_time() -> None:
         assert out.shape == (len(b),)
         assert torch.equal(out, caffe_max_scores(b, s, 0.3))
         assert torch.equal(out, caffe_max_scores_batched([b], [s], 0.3)[0])
+
+
+def test_class_deltas_reads_columns_4c_to_4c_plus_3() -> None:
+    """Detectron2's layout (as in every published weight file): foreground class c's deltas are columns
+    4c..4c+3 of the (R, K*4) predictor output, with no background columns."""
+    num_classes = 1600
+    deltas = torch.arange(3 * num_classes * 4, dtype=torch.float32).view(3, num_classes * 4)
+    classes = torch.tensor([0, 1599, 7])
+    expected = torch.stack([deltas[r, 4 * c : 4 * c + 4] for r, c in enumerate(classes.tolist())])
+    assert torch.equal(class_deltas(deltas, classes), expected)
+    assert class_deltas(deltas, classes)[1].tolist() == [6400 + 4 * 1599 + i for i in range(4)]
+    with pytest.raises(ValueError, match=r"box deltas of shape \(3, 6402\)"):
+        class_deltas(torch.zeros(3, 6402), classes)
