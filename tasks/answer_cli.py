@@ -1,0 +1,371 @@
+"""``lxmert-answer``: ask a fine-tuned LXMERT a question about your own photo.
+
+Examples::
+
+    lxmert-answer photo.jpg "What is the man holding?" --model runs/vqa/best --weights faster_rcnn_from_caffe_attr.pkl
+    lxmert-answer photo.jpg "What color is the bus?" --model runs/vqa/best --weights W.pkl --json --draw seen.png
+    lxmert-answer --questions questions.jsonl --model unc-nlp/lxmert-vqa-uncased --answers label2ans.json \\
+        --weights W.pkl --out answers.jsonl
+
+The detector runs in memory exactly as ``extract-features`` would (same preprocessing, box selection and
+settings flags), then the model. ``--questions`` reads JSON lines ``{"image": PATH, "question": TEXT}``
+(relative paths against the file's folder); questions about one image share one extraction; bad lines are
+reported (file:line) and skipped. Exit codes: 0 every question answered, 1 some input could not be answered
+(unreadable image, empty question, bad line), 2 refused before answering (model, weights, answer table,
+arguments, extractor mismatch with ``--strict``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from common.cpu import cpu_autocast_warning, tune_cpu_allocator
+from extract.runner import AMP_DTYPES, ExtractConfig
+from extract.selection import BoxSelection
+from tasks.answerer import (
+    Answerer,
+    AnswerError,
+    AnswerInputError,
+    AnswerResult,
+    AnswerSetupError,
+    draw_result,
+)
+
+__all__ = ["QuestionLine", "build_parser", "main", "read_questions"]
+
+PROG = "lxmert-answer"
+EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2
+
+# Defaults come from the extractor's own dataclasses (one place).
+_EXTRACT = {f.name: f.default for f in fields(ExtractConfig) if not callable(f.default)}
+_SELECTION = BoxSelection()
+
+
+@dataclass
+class QuestionLine:
+    """One valid line of a ``--questions`` file: where it is, the image path (resolved) and the question."""
+
+    line: int
+    image: str
+    question: str
+    extra: dict[str, Any]
+
+
+def read_questions(path: str | Path) -> tuple[list[QuestionLine], list[str]]:
+    """Parse a JSON-lines questions file.
+
+    Returns ``(questions, problems)``: valid lines, and one ``"FILE:LINE: what is wrong"`` message per bad
+    line (invalid JSON, not an object, missing or empty ``image`` / ``question``). Blank lines are ignored.
+    Relative image paths are taken against the file's folder. Keys besides ``image`` and ``question`` (e.g.
+    ``question_id``) are kept in ``extra`` and copied to the output.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    path = Path(path)
+    base = path.parent
+    good: list[QuestionLine] = []
+    bad: list[str] = []
+    with open(path, encoding="utf-8") as f:
+        for number, raw in enumerate(f, start=1):
+            text = raw.strip()
+            if not text:
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = json.loads(text)
+            except json.JSONDecodeError as e:
+                bad.append(f"{where}: not valid JSON ({e.msg} at column {e.colno}); skipped")
+                continue
+            if not isinstance(item, dict):
+                bad.append(f'{where}: expected an object {{"image": ..., "question": ...}}; skipped')
+                continue
+            problems = [
+                f"{key!r} is missing" if key not in item else f"{key!r} must be a non-empty string"
+                for key in ("image", "question")
+                if not (isinstance(item.get(key), str) and item[key].strip())
+            ]
+            if problems:
+                bad.append(f"{where}: {' and '.join(problems)}; skipped")
+                continue
+            image = Path(item["image"])
+            image = image if image.is_absolute() else base / image
+            extra = {k: v for k, v in item.items() if k not in ("image", "question")}
+            good.append(QuestionLine(number, str(image), item["question"], extra))
+    return good, bad
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for ``--help``)."""
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        usage=f"{PROG} IMAGE QUESTION --model DIR (--weights FILE | --random-weights) [options]\n"
+        f"       {PROG} --questions FILE.jsonl --model DIR (--weights FILE | --random-weights) [--out FILE] [options]",
+        description="Answer questions about your own images with a fine-tuned LXMERT: the project's VG detector runs "
+        "in memory (as extract-features would), then the model; prints the top answers with probabilities.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("image", nargs="?", help="image file (jpg/png/...)")
+    p.add_argument("question", nargs="?", help="the question, quoted")
+    p.add_argument(
+        "--questions", metavar="FILE", help='JSON lines {"image": PATH, "question": TEXT}, one per line'
+    )
+    p.add_argument("--out", metavar="FILE", help="--questions: write the JSON lines here (default: stdout)")
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model", required=True, help="fine-tuned model folder (RUN_DIR/best), checkpoint file or Hub id"
+    )
+    g.add_argument(
+        "--answers", metavar="FILE", help="answer table (label2ans.json) for a model that carries none"
+    )
+    g.add_argument("--top-k", type=int, default=5, help="answers shown per question")
+    g = p.add_argument_group("detector (as extract-features)")
+    g.add_argument("--weights", metavar="FILE", help="detector weights (faster_rcnn_from_caffe_attr.pkl)")
+    g.add_argument("--random-weights", action="store_true", help="an untrained detector (tests, timing)")
+    g.add_argument("--config", default=_EXTRACT["config"], help="vg_r101_c4 | vg_tiny | path/to/config.yaml")
+    g.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="Detectron2 config overrides")
+    g.add_argument(
+        "--selection", choices=("caffe", "maxnms"), default=_SELECTION.rule, help="box selection rule"
+    )
+    g.add_argument(
+        "--boxes",
+        default=str(_SELECTION.min_boxes)
+        if _SELECTION.min_boxes == _SELECTION.max_boxes
+        else f"{_SELECTION.min_boxes}-{_SELECTION.max_boxes}",
+        help="regions per image: N, or MIN-MAX",
+    )
+    g.add_argument("--conf-thresh", type=float, default=_SELECTION.conf_thresh, help="caffe rule threshold")
+    g.add_argument("--nms-thresh", type=float, default=_SELECTION.nms_thresh, help="NMS IoU threshold")
+    g.add_argument("--min-size", type=int, default=_EXTRACT["min_size"], help="shortest side after resizing")
+    g.add_argument("--max-size", type=int, default=_EXTRACT["max_size"], help="cap on the longest side")
+    g.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels (w*h)")
+    g = p.add_argument_group("output and execution")
+    g.add_argument("--json", action="store_true", help="one JSON object per question instead of text")
+    g.add_argument("--draw", metavar="OUT.png", help="write the image shaded by the model's attention")
+    g.add_argument(
+        "--strict", action="store_true", help="refuse a model trained on features from another extractor"
+    )
+    g.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast for detector and model")
+    g.add_argument("--verbose", action="store_true", help="library logs and per-question times")
+    return p
+
+
+def _extract_config(args: argparse.Namespace) -> ExtractConfig:
+    selection = BoxSelection.from_spec(
+        args.boxes, rule=args.selection, conf_thresh=args.conf_thresh, nms_thresh=args.nms_thresh
+    )
+    return ExtractConfig(
+        out="",
+        weights=None if args.random_weights else args.weights,
+        random_weights=args.random_weights,
+        config=args.config,
+        opts=list(args.opts),
+        selection=selection,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        max_pixels=args.max_pixels,
+        device=args.device,
+        amp=args.amp,
+    )
+
+
+def _error(message: str) -> None:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+
+
+def _format_text(result: AnswerResult, regions: int = 3) -> str:
+    lines = [f"{result.image}: {result.question}"]
+    width = max((len(a.answer) for a in result.answers), default=0)
+    for rank, a in enumerate(result.answers, start=1):
+        lines.append(f"  {rank}. {a.answer:<{width}}  {a.prob:.3f}")
+    seen = sorted(result.regions, key=lambda r: -r.attention)[:regions]
+    if seen:
+        lines.append(
+            "  looked at: " + ", ".join(f"{r.attribute} {r.object} ({r.attention:.2f})" for r in seen)
+        )
+    return "\n".join(lines)
+
+
+def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+    """The first problem with the arguments, or None."""
+    if args.questions is not None:
+        if args.image is not None:
+            return "give either IMAGE QUESTION or --questions FILE, not both"
+        if args.draw is not None:
+            return "--draw draws one question's picture; use it with IMAGE QUESTION, not --questions"
+    else:
+        if args.image is None or args.question is None:
+            return "give IMAGE and QUESTION (or --questions FILE.jsonl)"
+        if args.out is not None:
+            return "--out goes with --questions; with IMAGE QUESTION the answer is printed"
+    if not args.random_weights and not args.weights:
+        return "--weights FILE is required (e.g. faster_rcnn_from_caffe_attr.pkl), or --random-weights"
+    if args.top_k < 1:
+        return f"--top-k must be >= 1, got {args.top_k}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``lxmert-answer``; returns the exit code (0 answered, 1 bad input, 2 refused)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_args(args, parser)
+    if problem is None:
+        try:
+            config = _extract_config(args)
+        except ValueError as e:
+            problem = str(e)
+    if problem is not None:
+        parser.print_usage(sys.stderr)
+        _error(problem)
+        return EXIT_REFUSED
+    # What the libraries log (checkpoint load reports, ...) only with --verbose: every problem that stops an
+    # answer is printed here as one line.
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.ERROR, format=f"{PROG}: %(levelname)s: %(message)s"
+    )
+    questions: list[QuestionLine] = []
+    bad_lines: list[str] = []
+    if args.questions is not None:
+        try:
+            questions, bad_lines = read_questions(args.questions)
+        except OSError as e:
+            _error(f"cannot read the questions file {args.questions}: {e}")
+            return EXIT_REFUSED
+        for message in bad_lines:
+            print(f"{PROG}: {message}", file=sys.stderr)
+        if not questions:
+            _error(f"no question to answer in {args.questions}")
+            return EXIT_BAD_INPUT
+    elif not args.question.strip():  # before the (slow) loading
+        _error(f"empty question about {args.image}; give the question as text")
+        return EXIT_BAD_INPUT
+    elif not Path(args.image).is_file():
+        _error(
+            f"image {args.image}: " + ("is a directory" if Path(args.image).is_dir() else "file not found")
+        )
+        return EXIT_BAD_INPUT
+
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the extractor check is printed below
+            answerer = Answerer.load(
+                args.model, config, answers=args.answers, device=args.device, amp=args.amp, strict=args.strict
+            )
+    except AnswerSetupError as e:
+        _error(str(e))
+        return EXIT_REFUSED
+    load_s = time.perf_counter() - start
+    check = answerer.extractor_check
+    if check.note:
+        print(f"{PROG}: note: {check.note}", file=sys.stderr)
+    for line in check.differences:
+        print(f"{PROG}: warning: the model's features came from another extractor: {line}", file=sys.stderr)
+    if answerer.device.type == "cpu":
+        slow = cpu_autocast_warning(AMP_DTYPES[args.amp])
+        if slow is not None:
+            print(f"{PROG}: warning: --amp {args.amp}: {slow}", file=sys.stderr)
+        tune_cpu_allocator()  # forwards of one size repeat: keep freed memory in the process
+
+    if args.questions is None:
+        questions = [QuestionLine(0, args.image, args.question, {})]
+    results, failed = _answer_all(answerer, args, questions)
+    failed += len(bad_lines)
+    if results or args.verbose or args.questions is not None:
+        _print_timings(args, answerer, load_s, results, failed)
+    return EXIT_BAD_INPUT if failed else EXIT_OK
+
+
+def _answer_all(
+    answerer: Answerer, args: argparse.Namespace, questions: list[QuestionLine]
+) -> tuple[list[AnswerResult], int]:
+    """Answer every question (grouped by image, first-seen order) and print / write each result."""
+    order: dict[str, list[QuestionLine]] = {}
+    for q in questions:
+        order.setdefault(q.image, []).append(q)
+    batch_mode = args.questions is not None
+    sink = open(args.out, "w", encoding="utf-8") if (batch_mode and args.out) else sys.stdout  # noqa: SIM115
+    results: list[AnswerResult] = []
+    failed = 0
+    bar = tqdm(
+        total=len(questions),
+        unit="q",
+        desc="answer",
+        disable=not (batch_mode and args.out),
+        dynamic_ncols=True,
+    )
+    try:
+        for group in order.values():
+            for q in group:
+                try:
+                    result = answerer.answer(q.image, q.question, top_k=args.top_k)
+                    if args.draw:
+                        draw_result(result, args.draw, max_pixels=args.max_pixels)
+                except AnswerInputError as e:
+                    failed += 1
+                    where = f"{args.questions}:{q.line}: " if batch_mode else ""
+                    print(f"{PROG}: {where}{e}" + ("; skipped" if batch_mode else ""), file=sys.stderr)
+                    bar.update(1)
+                    continue
+                results.append(result)
+                if batch_mode:
+                    sink.write(
+                        json.dumps({**q.extra, "line": q.line, **result.to_dict()}, ensure_ascii=False) + "\n"
+                    )
+                    sink.flush()
+                elif args.json:
+                    print(json.dumps(result.to_dict(), ensure_ascii=False))
+                else:
+                    print(_format_text(result))
+                if args.verbose:
+                    print(
+                        f"{PROG}: {q.image}: extraction {result.extract_s:.2f} s, model {result.model_s:.3f} s",
+                        file=sys.stderr,
+                    )
+                bar.update(1)
+    except AnswerError as e:  # pragma: no cover - every input error is an AnswerInputError
+        _error(str(e))
+        failed += 1
+    finally:
+        bar.close()
+        if sink is not sys.stdout:
+            sink.close()
+    if args.draw and results:
+        print(f"{PROG}: picture written to {args.draw}", file=sys.stderr)
+    return results, failed
+
+
+def _print_timings(
+    args: argparse.Namespace, answerer: Answerer, load_s: float, results: list[AnswerResult], failed: int
+) -> None:
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in answerer.load_s.items())
+    extracted = [r.extract_s for r in results if r.extract_s > 0]
+    model_s = sum(r.model_s for r in results)
+    lines = [f"{PROG}: loaded in {load_s:.1f} s ({parts}) on {answerer.device}"]
+    if results:
+        lines.append(
+            f"  {len(results)} question(s) answered: {len(extracted)} image(s) extracted, "
+            f"{sum(extracted) / max(1, len(extracted)):.2f} s per image; model {model_s / len(results):.3f} s "
+            "per question"
+        )
+    if failed:
+        lines.append(f"  {failed} question(s) not answered (see the messages above)")
+    if args.questions is not None and args.out:
+        lines.append(f"  answers written to {args.out}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
