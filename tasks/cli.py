@@ -20,17 +20,24 @@ from collections.abc import Callable
 
 from common.config import ConfigError, field_choices, field_default, load_config
 
-from . import pretrain
+from . import gqa, nlvr2, predict, pretrain, vqa
 from .checkpointing import CheckpointError
 from .config import TrainConfig
 from .task import Task
 from .trainer import TrainingStopped, train
 
 #: Task name -> its module's ``build(config) -> Task``. Fine-tuning tasks register here.
-BUILDERS: dict[str, Callable[[TrainConfig], Task]] = {"pretrain": pretrain.build}
+BUILDERS: dict[str, Callable[[TrainConfig], Task]] = {
+    "pretrain": pretrain.build,
+    "vqa": vqa.build,
+    "gqa": gqa.build,
+    "nlvr2": nlvr2.build,
+}
 #: Task name -> ``evaluate(config, args) -> exit status`` for ``--eval-only`` (``args.load``, ``args.data``,
 #: ``args.annotations``, ``args.output``); tasks with an evaluation-only path register here.
-EVALUATORS: dict[str, Callable[[TrainConfig, argparse.Namespace], int]] = {}
+EVALUATORS: dict[str, Callable[[TrainConfig, argparse.Namespace], int]] = {
+    name: predict.eval_only_command for name in ("vqa", "gqa", "nlvr2")
+}
 
 TASKS = field_choices(TrainConfig, "task")
 
@@ -42,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(one process, or one per device under torchrun).",
     )
     parser.add_argument("task", choices=TASKS, help="which task to train")
-    parser.add_argument("--config", required=True, metavar="CONFIG.yaml", help="the run's config (YAML)")
+    parser.add_argument(
+        "--config",
+        metavar="CONFIG.yaml",
+        help="the run's config (YAML); required for training (--eval-only: default RUN_DIR/config.yaml of --load)",
+    )
     parser.add_argument(
         "--output",
         required=True,
@@ -91,6 +102,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
+    if args.config is None and not args.eval_only:
+        print("lxmert-train: error: --config is required for training", file=sys.stderr)
+        return 2
     try:
         config = resolve_config(args)
     except ConfigError as err:

@@ -1,0 +1,344 @@
+"""NLVR2 fine-tuning: is the sentence true of the image pair? (LXMERT's recipe on the feature stores.)
+
+Data: LXMERT's ``{"identifier", "img0", "img1", "label": 0|1, "sent", "uid"}`` files (``lxmert-data nlvr2``
+writes them from the official JSON lines); ``label`` is optional (hidden test). Each image is encoded with the
+sentence (text ``[CLS] pieces[:max_seq_length - 2] [SEP]``); the two pooled outputs, concatenated, go through
+the pair head (:class:`model.LxmertForNLVR2`), trained with 2-way cross-entropy. The original recipe
+(``tasks/configs/nlvr2.yaml``): batch 32, lr 5e-5, 4 epochs, BERT-Adam with 10% warmup, clip 5; the pair head
+starts from BERT's initialisation (N(0, 0.02)), whatever head the loaded checkpoint has.
+
+Training-time metric: accuracy (LXMERT's, = the official accuracy). With ``finetune.annotations`` (the official
+JSON-lines file of the valid split, or the converted file itself) the official accuracy and consistency too.
+
+Official result file: CSV lines ``identifier,True|False`` (the original's ``<split>_predict.csv``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import LxmertForNLVR2, LxmertTokenizer, read_checkpoint
+from model.checkpoint import build_from_state_dict, to_hf_state_dict
+from tasks.config import TrainConfig
+from tasks.features import RegionFeatures, collate_regions
+from tasks.metrics.nlvr2 import evaluate_nlvr2, parse_examples
+from tasks.qa import (
+    TaskDataError,
+    encode_text,
+    feature_extras,
+    keep_found_images,
+    model_inputs,
+    open_features,
+    read_json_list,
+    scratch_config,
+    to_device,
+)
+from tasks.task import StepOutput
+
+logger = logging.getLogger(__name__)
+
+NLVR2_FORMAT = 'LXMERT\'s NLVR2 list [{"identifier", "img0", "img1", "sent", "label": 0|1, "uid"}, ...]'
+
+
+@dataclass
+class PairItem:
+    """One sentence about an image pair; ``label`` 1 = true, 0 = false, None = unknown (hidden test)."""
+
+    identifier: str
+    img0: str
+    img1: str
+    sent: str
+    label: int | None
+    uid: str
+
+
+def load_pair_items(paths: Sequence[str | Path]) -> list[PairItem]:
+    """The examples of one or more LXMERT NLVR2 JSON files, in file order.
+
+    Raises :class:`tasks.qa.TaskDataError` naming the file, the entry and the identifier for a malformed entry,
+    and both places for an identifier (or uid) given twice.
+    """
+    items: list[PairItem] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        for i, entry in enumerate(read_json_list(path, NLVR2_FORMAT)):
+            where = f"{path}: entry {i}"
+            if not isinstance(entry, dict):
+                raise TaskDataError(
+                    f"{where} is a {type(entry).__name__}, expected an object ({NLVR2_FORMAT})"
+                )
+            missing = [k for k in ("identifier", "img0", "img1", "sent") if k not in entry]
+            if missing:
+                raise TaskDataError(
+                    f"{where} (keys {sorted(entry)}) lacks {missing}; expected {NLVR2_FORMAT}"
+                )
+            ident = entry["identifier"]
+            where = f"{where} (identifier {ident!r})"
+            if not all(isinstance(entry[k], str) for k in ("identifier", "img0", "img1", "sent")):
+                raise TaskDataError(f"{where}: identifier, img0, img1 and sent must be strings")
+            label = entry.get("label")
+            if label is not None and (label not in (0, 1) or isinstance(label, bool)):
+                raise TaskDataError(
+                    f"{where}: label must be 0 or 1 (1 = the sentence is true), got {label!r}"
+                )
+            uid = str(entry.get("uid", ident))
+            for key in {ident, uid}:
+                if key in seen:
+                    raise TaskDataError(
+                        f"{where}: {key!r} is given twice (first at {seen[key]}); identifiers must be unique: "
+                        "remove the duplicate or do not list a split twice"
+                    )
+                seen[key] = f"{path}: entry {i}"
+            items.append(PairItem(ident, entry["img0"], entry["img1"], entry["sent"], label, uid))
+    return items
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """NLVR2 examples over the feature stores. Item ``i``: text ``(L,)`` tensors, ``regions`` (the two images'
+    :class:`tasks.features.Regions`), ``label`` (int, -100 when unknown), ``index``. Deterministic."""
+
+    def __init__(self, items: list[PairItem], features: RegionFeatures, max_seq_length: int) -> None:
+        self.items = items
+        self.features = features
+        self.max_seq_length = max_seq_length
+        self.tokenizer = LxmertTokenizer(max_length=max_seq_length)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    @property
+    def has_labels(self) -> bool:
+        return any(item.label is not None for item in self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        out: dict[str, Any] = encode_text(self.tokenizer, item.sent, self.max_seq_length)
+        out.update(
+            regions=(self.features[item.img0], self.features[item.img1]),
+            label=-100 if item.label is None else item.label,
+            index=index,
+        )
+        return out
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Batch: ``visual_feats`` ``(B, 2, V, D)``, ``visual_pos`` ``(B, 2, V, 4)``, ``visual_attention_mask``
+    ``(B, 2, V)`` (only with uneven region counts), text ``(B, L)``, ``labels`` ``(B,)`` (-100 = unknown),
+    ``index`` ``(B,)``."""
+    b = len(items)
+    regions = collate_regions([r for it in items for r in it["regions"]])  # (2B, V, ...), img0 then img1
+    batch: dict[str, Any] = {k: v.reshape(b, 2, *v.shape[1:]) for k, v in regions.items()}
+    batch.update(
+        input_ids=torch.stack([it["input_ids"] for it in items]),
+        attention_mask=torch.stack([it["attention_mask"] for it in items]),
+        token_type_ids=torch.stack([it["token_type_ids"] for it in items]),
+        labels=torch.tensor([it["label"] for it in items], dtype=torch.long),
+        index=torch.tensor([it["index"] for it in items], dtype=torch.long),
+    )
+    return batch
+
+
+def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean 2-way cross-entropy over the labelled pairs (labels -100 left out; 0 when none)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
+
+
+def is_pair_head(state: dict[str, torch.Tensor], hidden: int) -> bool:
+    """Whether ``state`` (Hugging Face names) holds an NLVR2 pair head (``2H -> 2H -> 2``)."""
+    w0, w3 = state.get("answer_head.logit_fc.0.weight"), state.get("answer_head.logit_fc.3.weight")
+    return (
+        w0 is not None and w3 is not None and tuple(w0.shape) == (2 * hidden, 2 * hidden) and w3.shape[0] == 2
+    )
+
+
+def build_nlvr2_model(config: TrainConfig, load: str | None) -> nn.Module:
+    """:class:`model.LxmertForNLVR2` from ``load`` (any checkpoint ``from_pretrained`` reads) or from scratch.
+
+    A checkpoint that already has a pair head (a fine-tuned NLVR2 model) loads whole; otherwise its own heads
+    (pretraining's MLM / matching / object / 9500-answer QA) are dropped and the pair head starts from BERT's
+    initialisation, as the original (which loads the encoder only).
+    """
+    if not load:
+        logger.info("NLVR2 model from scratch: no --load given")
+        return LxmertForNLVR2(scratch_config(config))
+    raw, file_config, container = read_checkpoint(load)
+    state, fmt = to_hf_state_dict(raw, container)
+    hidden = (
+        state["lxmert.embeddings.word_embeddings.weight"].shape[1]
+        if "lxmert.embeddings.word_embeddings.weight" in state
+        else 0
+    )
+    if is_pair_head(state, hidden):
+        logger.info("%s: loaded with its NLVR2 pair head", load)
+    else:
+        dropped = [k for k in state if not k.startswith("lxmert.")]
+        state = {k: v for k, v in state.items() if k.startswith("lxmert.")}
+        logger.info(
+            "%s: encoder loaded, %d head tensors left out; the pair head starts from N(0, 0.02)",
+            load,
+            len(dropped),
+        )
+    return build_from_state_dict(LxmertForNLVR2, state, fmt, container, file_config)
+
+
+@dataclass
+class PairPrediction:
+    identifier: str
+    prediction: bool
+    prob: float  # softmax probability of "True"
+    correct: bool | None
+
+
+class NLVR2Task:
+    """NLVR2 fine-tuning (see the module doc)."""
+
+    name = "nlvr2"
+
+    def __init__(self, config: TrainConfig, model_folder: str | None = None) -> None:
+        self.config = config
+        self.model_folder = model_folder
+        self._features: RegionFeatures | None = None
+        self._items: dict[tuple[str, ...], list[PairItem]] = {}
+
+    def items(self, paths: Sequence[str | Path]) -> list[PairItem]:
+        key = tuple(map(str, paths))
+        if key not in self._items:
+            self._items[key] = load_pair_items(paths)
+        return self._items[key]
+
+    @property
+    def features(self) -> RegionFeatures:
+        if self._features is None:
+
+            def train_ids() -> list[str]:
+                return [i for it in self.items(self.config.data.train) for i in (it.img0, it.img1)]
+
+            self._features = open_features(self.config, self.model_folder, train_ids)
+        return self._features
+
+    def dataset(self, paths: Sequence[str | Path], split: str) -> PairDataset:
+        items = self.items(paths)
+        if not items:
+            raise TaskDataError(f"nlvr2 {split}: no examples in {list(map(str, paths))}")
+        items = keep_found_images(
+            self.features, self.config, items, lambda it: (it.img0, it.img1), split, paths
+        )
+        labelled = sum(it.label is not None for it in items)
+        logger.info(
+            "nlvr2 %s: %d examples, %d labelled (%d true)",
+            split,
+            len(items),
+            labelled,
+            sum(it.label == 1 for it in items),
+        )
+        return PairDataset(items, self.features, self.config.data.max_seq_length)
+
+    # -- the trainer's contract ---------------------------------------------------------------------------
+    def build_model(self, load: str | None) -> nn.Module:
+        self.model_folder = self.model_folder or load
+        return build_nlvr2_model(self.config, load)
+
+    def train_dataset(self) -> PairDataset:
+        if not self.config.data.train:
+            raise TaskDataError("nlvr2: data.train is empty; list the training JSON files")
+        ds = self.dataset(self.config.data.train, "train")
+        unlabelled = [it.identifier for it in ds.items if it.label is None]
+        if unlabelled:
+            raise TaskDataError(
+                f"nlvr2 train ({', '.join(self.config.data.train)}): {len(unlabelled)} examples have no label "
+                f"(e.g. {unlabelled[:3]}); training needs labelled splits (train, dev)"
+            )
+        return ds
+
+    def valid_dataset(self) -> PairDataset | None:
+        return self.dataset([self.config.data.valid], "valid") if self.config.data.valid else None
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_pairs(items)
+
+    def step(self, model: nn.Module, batch: dict[str, Any], epoch: int) -> StepOutput:
+        logits = model(**model_inputs(batch)).logits
+        loss = pair_loss(logits, batch["labels"])
+        return StepOutput(loss=loss, parts={"nlvr2": loss.detach()}, batch_size=logits.shape[0])
+
+    @torch.no_grad()
+    def predict(
+        self, model: nn.Module, loader: Any, device: torch.device
+    ) -> tuple[list[PairPrediction], float]:
+        """Predictions for every example of ``loader`` (in order) and the mean loss over the labelled ones."""
+        dataset: PairDataset = loader.dataset
+        out: list[PairPrediction] = []
+        loss_sum, labelled = 0.0, 0
+        for batch in loader:
+            batch = to_device(batch, device)
+            logits = model(**model_inputs(batch)).logits.float()
+            labels = batch["labels"]
+            n = int((labels != -100).sum())
+            if n:
+                loss_sum += float(pair_loss(logits, labels)) * n
+                labelled += n
+            prob_true = torch.softmax(logits, -1)[:, 1]
+            for j, i in enumerate(batch["index"].tolist()):
+                item = dataset.items[i]
+                pred = bool(logits[j].argmax() == 1)
+                out.append(
+                    PairPrediction(
+                        item.identifier,
+                        pred,
+                        float(prob_true[j]),
+                        None if item.label is None else pred == bool(item.label),
+                    )
+                )
+        return out, (loss_sum / labelled if labelled else float("nan"))
+
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
+        """``loss``, ``accuracy`` (= ``score``) over the labelled examples; with ``finetune.annotations`` the
+        official accuracy and consistency (``official_accuracy``, ``official_consistency``)."""
+        preds, loss = self.predict(model, loader, device)
+        scored = [p.correct for p in preds if p.correct is not None]
+        accuracy = sum(scored) / max(len(scored), 1)
+        metrics = {"loss": loss, "loss_nlvr2": loss, "accuracy": accuracy, "score": accuracy}
+        if self.config.finetune.annotations:
+            official = self.official_metric(preds, self.config.finetune.annotations)
+            metrics.update({f"official_{k}": v for k, v in official.items() if isinstance(v, int | float)})
+        return metrics
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        return feature_extras(self.features)
+
+    # -- outputs -------------------------------------------------------------------------------------------
+    @staticmethod
+    def submission_csv(preds: Sequence[PairPrediction]) -> str:
+        """The official result file: ``identifier,True|False`` per line."""
+        return "".join(f"{p.identifier},{p.prediction}\n" for p in preds)
+
+    def official_metric(self, preds: Sequence[PairPrediction], annotations: str) -> dict[str, Any]:
+        """Official accuracy / consistency over the examples of ``annotations`` (the official JSON lines, e.g.
+        ``dev.json``, or LXMERT's converted list) that were predicted."""
+        path = Path(annotations)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise TaskDataError(f"{path}: cannot read the NLVR2 annotations ({err})") from None
+        predicted = {p.identifier: str(p.prediction) for p in preds}
+        examples = [ex for ex in parse_examples(text, str(path)) if ex["identifier"] in predicted]
+        return evaluate_nlvr2(
+            examples, predicted, data_source=str(path), predictions_source="nlvr2 predictions"
+        )
+
+
+def build(config: TrainConfig, model_folder: str | Path | None = None) -> NLVR2Task:
+    """The NLVR2 task of ``config`` (``model_folder``: see :func:`tasks.vqa.build`)."""
+    return NLVR2Task(config, None if model_folder is None else str(model_folder))
