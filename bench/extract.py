@@ -6,7 +6,7 @@ process, one detector forward for it, write its record, next image. The batched 
 per forward, a writer thread commits to LMDB. Both use the same detector (``--config``, random weights) and
 default 600/1000 resizing, and write into a fresh store. Each measurement runs in a process of its own
 (fresh allocator, honest peak memory). On CPU the runner keeps freed memory in the process
-(``model.tune_cpu_allocator``, as ``extract-features`` does); the row ``per-image loop + malloc`` gives the
+(``common.cpu.tune_cpu_allocator``, as ``extract-features`` does); the row ``per-image loop + malloc`` gives the
 loop that same setting, so the table separates what the allocator buys from what batching does.
 
 Prints a table of images/s, seconds per image, the speed-up over the loop at the same dtype, and peak memory
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if device.type == "cpu":
         print(
-            "(on CPU the runner keeps freed memory in the process (model.tune_cpu_allocator, after forking its"
+            "(on CPU the runner keeps freed memory in the process (common.cpu.tune_cpu_allocator, after forking its"
             "\n loader workers); 'per-image loop + malloc' is the loop with that same setting)"
         )
     return 0
