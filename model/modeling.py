@@ -1,29 +1,23 @@
-"""The LXMERT network: embeddings, encoders, cross-modality layers, heads and the model classes.
+"""The LXMERT network (Tan & Bansal, 2019): embeddings, the three encoders, the pretraining and task heads.
 
 Module and parameter names follow Hugging Face's ``transformers`` LXMERT (``lxmert.embeddings.*``,
 ``lxmert.encoder.{visn_fc,layer.i,r_layers.i,x_layers.i}.*``, ``cls.predictions.*``,
 ``obj_predict_head.decoder_dict.*``, ``answer_head.logit_fc.{0,2,3}.*``) so state dicts move between the
-two without renaming; the math is the same (fp32 outputs agree within 1e-5), the work is not:
+two without renaming, and the outputs agree (fp32, within 1e-5).
 
-- attention runs through ``torch.nn.functional.scaled_dot_product_attention`` where that is the fast
-  kernel (CUDA; CPU fp32 inference), otherwise through an explicit softmax with a cheaper CPU dropout
-  (:func:`fast_dropout`: one 64-bit random draw per four elements instead of one per element);
-- the cross-modality layer uses ONE cross-attention module in both directions (as the original): its
-  query / key / value / output projections run once over the concatenated language + vision tokens;
-- with MLM labels, the vocabulary projection (the largest matmul) runs only at the labelled positions;
-  the feature-regression head runs only on regions with a non-zero loss weight;
-- where only some language outputs are read (pretraining with MLM labels: [CLS] and the labelled tokens;
-  the QA / NLVR2 heads: [CLS]), the last cross-modality layer computes its language side only there,
-  and on CPU the padded tokens are skipped in every row-wise op of every layer (:class:`LanguagePacking`;
-  ~30% of the language work at LXMERT's sentence lengths);
-- on CPU the word-embedding lookup of a pretraining step adds its gradient rows in place into the tied
-  decoder's dense gradient (no second zero-filled vocab x hidden buffer);
-- under CPU bf16 autocast, linear layers applied to few rows (the heads, the pruned last layer) run in
-  float32: cheaper there than autocast's fresh bf16 copy of the weight and float32 copy of its gradient;
-- nothing is copied for the two directions of the cross-attention (tokens are stacked as rows, split
-  as contiguous blocks).
+- language encoder (``encoder.layer``: ``l_layers`` = 9 BERT layers) over WordPiece tokens;
+- object-relationship encoder (``encoder.r_layers``: ``r_layers`` = 5 :class:`LxmertLayer`) over the regions
+  (:class:`LxmertVisualFeatureEncoder`: features and boxes);
+- cross-modality encoder (``encoder.x_layers``: ``x_layers`` = 5 :class:`LxmertXLayer`): one cross-attention
+  module shared by both directions (language -> vision, vision -> language; its projections run once over both
+  sides' tokens stacked), then self-attention and feed-forward per modality;
+- the pooled output (first language token) feeds the matching and QA heads.
 
-Use a fused optimizer (``torch.optim.AdamW(..., fused=True)``) with it; ``torch.compile(model)`` works too.
+How it runs cheaply lives in :mod:`model.execution`: ``Linear`` / ``Dropout`` are drop-in ``nn.Linear`` /
+``nn.Dropout``; heads that read only some outputs (pretraining with MLM labels: [CLS] and the labelled tokens;
+QA / NLVR2: [CLS]) say so to :meth:`LxmertModel.forward` (``language_rows``, ``vision_output``), which builds one
+:class:`~model.execution.ExecutionPlan` that the layers follow. Use a fused optimizer
+(``torch.optim.AdamW(..., fused=True)``) with it; ``torch.compile(model)`` works too.
 
 Shapes: ``B`` batch, ``L`` tokens, ``V`` regions (36), ``H`` hidden (768), ``F`` region feature size
 (2048). Boxes (``visual_pos``) are ``(B, V, 4)`` x1, y1, x2, y2 divided by the image width / height
@@ -32,9 +26,7 @@ Shapes: ``B`` batch, ``L`` tokens, ``V`` regions (36), ``H`` hidden (768), ``F``
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -43,11 +35,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.cpu import cpu_autocast_warning
-
 from .config import LxmertConfig
-
-logger = logging.getLogger(__name__)
+from .execution import (
+    FULL_PLAN,
+    Dropout,
+    ExecutionPlan,
+    Linear,
+    TiedEmbeddingGradient,
+    cross_attention,
+    dropout,
+    linear,
+    plan_execution,
+    self_attention,
+    warn_if_slow_cpu_autocast,
+)
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -77,12 +78,16 @@ class _Output:
 class LxmertModelOutput(_Output):
     """Backbone outputs.
 
-    - ``language_output`` ``(B, L, H)``, ``vision_output`` ``(B, V, H)``: last cross-modality layer.
+    - ``language_output`` ``(B, L, H)``, ``vision_output`` ``(B, V, H)``: last cross-modality layer. ``None``
+      where the call said it does not read them (``language_rows`` / ``vision_output=False`` of
+      :meth:`LxmertModel.forward`) and they were not computed.
     - ``pooled_output`` ``(B, H)``: tanh(Linear(first language token)).
     - ``language_hidden_states``: output of each language layer then each cross-modality layer (lang side);
       ``vision_hidden_states``: each relationship layer then each cross-modality layer (vision side).
     - ``language_attentions`` / ``vision_attentions`` / ``cross_encoder_attentions``: softmax probabilities
       ``(B, heads, Lq, Lk)`` per layer (cross: language queries over regions), when asked for.
+    - ``language_rows_output`` ``(N, H)``: the last layer's language output at the flat ``B * L`` indices
+      ``language_rows`` ``(N,)`` given to :meth:`LxmertModel.forward`, in their order (None without them).
     """
 
     language_output: Tensor | None = None
@@ -93,6 +98,26 @@ class LxmertModelOutput(_Output):
     language_attentions: tuple[Tensor, ...] | None = None
     vision_attentions: tuple[Tensor, ...] | None = None
     cross_encoder_attentions: tuple[Tensor, ...] | None = None
+    language_rows_output: Tensor | None = None
+
+
+@dataclass
+class LxmertEncoderOutput:
+    """What :class:`LxmertEncoder` hands to :class:`LxmertModel`.
+
+    - ``language``: the last layer's language states ``(B, L, H)``; under a plan with ``language_rows``
+      ``(R,)``, only those rows ``(R, H)``.
+    - ``vision``: ``(B, V, H)``; None under a plan without the last layer's vision side.
+    - per-layer states / attentions as in :class:`LxmertModelOutput` (empty tuples when not asked for).
+    """
+
+    language: Tensor
+    vision: Tensor | None
+    language_states: tuple[Tensor, ...]
+    vision_states: tuple[Tensor, ...]
+    language_attentions: tuple[Tensor, ...]
+    vision_attentions: tuple[Tensor, ...]
+    cross_attentions: tuple[Tensor, ...]
 
 
 @dataclass
@@ -154,22 +179,6 @@ def compute_dtype(reference: Tensor) -> torch.dtype:
     return reference.dtype
 
 
-_WARNED_SLOW_AUTOCAST: set[torch.dtype] = set()
-
-
-def warn_if_slow_cpu_autocast(device: torch.device) -> None:
-    """Warn once per dtype when CPU autocast is on to a dtype this CPU has no native matmul for."""
-    if device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        return
-    dtype = torch.get_autocast_dtype("cpu")
-    if dtype in _WARNED_SLOW_AUTOCAST:
-        return
-    _WARNED_SLOW_AUTOCAST.add(dtype)
-    message = cpu_autocast_warning(dtype)
-    if message is not None:
-        warnings.warn(f"LXMERT: {message}", RuntimeWarning, stacklevel=3)
-
-
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """``(B, S)`` 1/0 mask -> ``(B, 1, 1, S)`` additive mask (0 / most negative finite ``dtype`` value).
 
@@ -180,202 +189,6 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Dropout
-# --------------------------------------------------------------------------------------------------------------
-class _MaskedScale(torch.autograd.Function):
-    """``x * keep / (1 - p)`` with the boolean ``keep`` mask saved for backward (1 byte per element)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, keep: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(keep)
-        ctx.scale = scale
-        return x.mul(keep).mul_(scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None, None
-
-
-def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Dropout with the same distribution as ``F.dropout``, cheaper on CPU.
-
-    On CPU, ``bernoulli_`` draws one random number per element (~5 ns each); here one 64-bit draw gives
-    four 16-bit uniforms, each compared with ``p * 65536`` (keep probability exact to 1 / 65536). Uses
-    torch's default generator, so ``torch.manual_seed`` makes it reproducible. Elsewhere (CUDA, under
-    ``torch.compile``) it is ``F.dropout``.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu" or torch.compiler.is_compiling():
-        return F.dropout(x, p, True)
-    n = x.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-    keep = (words.view(torch.int16)[:n] >= -32768 + round(p * 65536)).view(x.shape)
-    return _MaskedScale.apply(x, keep, 1.0 / (1.0 - p))
-
-
-class LxmertDropout(nn.Module):
-    """``nn.Dropout`` with :func:`fast_dropout` (no parameters; state dicts are unaffected)."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Linear layers
-# --------------------------------------------------------------------------------------------------------------
-#: Under CPU bf16 autocast, a linear layer applied to at most this many rows runs in float32 instead.
-CPU_FP32_MAX_ROWS = 256
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear``, except under CPU bf16 autocast for few rows (at most :data:`CPU_FP32_MAX_ROWS`): float32.
-
-    Autocast casts the float32 weight into a fresh bf16 tensor every step and its bf16 gradient into a fresh
-    float32 one; on CPU these large fresh buffers are page-faulted in each time, which costs ~5 ns per weight
-    element, while the float32 matmuls (forward and both backward ones) cost more than bf16 only in
-    proportion to the rows. With LXMERT's heads (MLM vocabulary projection at the masked tokens, QA / matching
-    heads and pooler on [CLS], the last layer's language side at [CLS] + masked tokens) float32 is faster and
-    more accurate. The output is then float32 (later bf16 layers cast it as autocast does).
-    """
-    if (
-        x.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and x.numel() <= CPU_FP32_MAX_ROWS * x.shape[-1]
-        and torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    ):
-        with torch.autocast("cpu", enabled=False):
-            return F.linear(x.float(), weight, bias)
-    return F.linear(x, weight, bias)
-
-
-class LxmertLinear(nn.Linear):
-    """``nn.Linear`` (same parameters, same names) computed by :func:`linear`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tied word embeddings / MLM decoder with one dense gradient
-# --------------------------------------------------------------------------------------------------------------
-class _TiedGradient:
-    """Carries the MLM decoder's dense weight gradient to the word-embedding lookup's backward (one graph)."""
-
-    def __init__(self) -> None:
-        self.grad: Tensor | None = None
-
-
-class _TiedLookup(torch.autograd.Function):
-    """Word-embedding lookup (``padding_idx`` 0) whose backward adds its rows into the decoder's dense gradient.
-
-    The lookup's backward runs after the decoder's (the decoder depends on it), so the tied matrix gets ONE
-    dense, contiguous gradient: no sparse rows, no second vocab x H buffer, no copy when the two are summed.
-    Without a decoder gradient (only other losses back-propagated) the rows go into a zero matrix.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, input_ids: Tensor, weight: Tensor, tied: _TiedGradient) -> Tensor:
-        ctx.save_for_backward(input_ids)
-        ctx.tied, ctx.weight_shape, ctx.weight_dtype = tied, weight.shape, weight.dtype
-        return F.embedding(input_ids, weight, padding_idx=0)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, None]:
-        if not ctx.needs_input_grad[1]:
-            return None, None, None
-        (input_ids,) = ctx.saved_tensors
-        total, ctx.tied.grad = ctx.tied.grad, None
-        if total is None:
-            total = torch.zeros(ctx.weight_shape, dtype=ctx.weight_dtype, device=grad.device)
-        ids = input_ids.reshape(-1)
-        rows = grad.reshape(ids.shape[0], -1)
-        keep = (ids != 0).nonzero().squeeze(1)
-        total.index_add_(0, ids.index_select(0, keep), rows.index_select(0, keep).to(total.dtype))
-        return None, total, None
-
-
-class _TiedDecoder(torch.autograd.Function):
-    """``h @ W.T + b`` for the tied decoder; ``W``'s gradient goes to the :class:`_TiedLookup` of the same step.
-
-    Computes in ``dtype`` (float32, or bf16 under autocast for many rows); the weight gradient is float32.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, h: Tensor, weight: Tensor, bias: Tensor, tied: _TiedGradient, dtype: torch.dtype
-    ) -> Tensor:
-        x = h.reshape(-1, h.shape[-1]).to(dtype)
-        w = weight.to(dtype)
-        out = torch.addmm(bias.to(dtype), x, w.t())
-        ctx.save_for_backward(x, w)
-        ctx.tied, ctx.h_shape, ctx.h_dtype = tied, h.shape, h.dtype
-        return out.view(*h.shape[:-1], out.shape[-1])
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:
-        x, w = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1]).to(x.dtype)
-        grad_h = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_h = torch.mm(g, w).view(ctx.h_shape).to(ctx.h_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(g.t(), x).float()  # (vocab, H), contiguous like the weight
-            ctx.tied.grad = grad_w if ctx.tied.grad is None else ctx.tied.grad + grad_w
-        if ctx.needs_input_grad[2]:
-            grad_b = g.sum(0, dtype=torch.float32)
-        return grad_h, None, grad_b, None, None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Packed language tokens
-# --------------------------------------------------------------------------------------------------------------
-class LanguagePacking:
-    """The real (unpadded) tokens of a ``(B, L)`` batch stored as rows ``(T, H)``, T = number of real tokens.
-
-    Row-wise work (projections, feed-forward, LayerNorm, dropout) then skips the padding; attention pads
-    its queries / keys / values back to ``(B, L, H)`` (zeros at padding, which the additive mask hides
-    exactly as before: a padded key gets weight 0, and nothing else reads a padded position). Used when the
-    caller only needs language outputs at real tokens (pretraining with MLM labels, task heads on [CLS]).
-    """
-
-    def __init__(self, attention_mask: Tensor) -> None:
-        self.batch, self.length = attention_mask.shape
-        real = attention_mask.reshape(-1) != 0
-        #: (T,) flat indices into B * L of the real tokens, in order.
-        self.index = real.nonzero().squeeze(1)
-        # flat index -> row in the packed layout (-1 at padding)
-        self._row = torch.full_like(real, -1, dtype=torch.long)
-        self._row[self.index] = torch.arange(self.index.numel(), device=real.device)
-
-    def pack(self, x: Tensor) -> Tensor:
-        """``(B, L, C)`` -> ``(T, C)``."""
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)
-
-    def pad(self, x: Tensor) -> Tensor:
-        """``(T, C)`` -> ``(B, L, C)``, zeros at padding."""
-        full = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy(0, self.index, x)
-        return full.view(self.batch, self.length, -1)
-
-    def rows(self, flat: Tensor) -> Tensor:
-        """Packed rows of flat ``B * L`` indices (which must be real tokens)."""
-        return self._row.index_select(0, flat)
-
-    def covers(self, flat: Tensor) -> bool:
-        """Whether every flat index is a real token."""
-        return bool((self.rows(flat) >= 0).all())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -392,7 +205,7 @@ class LxmertEmbeddings(nn.Module):
         )
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, padding_idx=0)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = LxmertDropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(
         self,
@@ -424,44 +237,47 @@ class LxmertAttention(nn.Module):
         super().__init__()
         self.num_attention_heads = config.num_attention_heads
         self.attention_head_size = config.head_dim
-        self.query = LxmertLinear(config.hidden_size, config.hidden_size)
-        self.key = LxmertLinear(config.hidden_size, config.hidden_size)
-        self.value = LxmertLinear(config.hidden_size, config.hidden_size)
+        self.query = Linear(config.hidden_size, config.hidden_size)
+        self.key = Linear(config.hidden_size, config.hidden_size)
+        self.value = Linear(config.hidden_size, config.hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
 
-    def _heads(self, x: Tensor) -> Tensor:
+    def split_heads(self, x: Tensor) -> Tensor:
+        """``(B, S, H)`` -> ``(B, heads, S, head_dim)``."""
         b, s, _ = x.shape
         return x.view(b, s, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, output_attentions: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """Attention over projected ``(B, S, H)`` q / k / v; returns ``(B, Sq, H)`` and optional probs.
-
-        Fused ``scaled_dot_product_attention`` where it is the fast kernel (CUDA; CPU fp32 without dropout);
-        on CPU with dropout or in bf16 the explicit softmax path with :func:`fast_dropout` is faster for
-        LXMERT's short sequences. Same math either way.
-        """
-        ctx, probs = self.core(self._heads(q), self._heads(k), self._heads(v), mask, output_attentions)
+        """Attention over projected ``(B, S, H)`` q / k / v; returns ``(B, Sq, H)`` and optional probs."""
+        ctx, probs = self.core(
+            self.split_heads(q), self.split_heads(k), self.split_heads(v), mask, output_attentions
+        )
         b, _, s, _ = ctx.shape
         return ctx.transpose(1, 2).reshape(b, s, -1), probs
 
     def core(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, output_attentions: bool = False
     ) -> tuple[Tensor, Tensor | None]:
-        """Head-split ``(B, heads, S, d)`` q / k / v -> context ``(B, heads, Sq, d)`` and optional probs."""
+        """Head-split ``(B, heads, S, d)`` q / k / v -> context ``(B, heads, Sq, d)`` and optional probs.
+
+        ``softmax(q k^T / sqrt(d) + mask)``, dropout, times ``v``. Fused ``scaled_dot_product_attention`` where
+        it is the fast kernel (CUDA; CPU fp32 without dropout); on CPU with dropout or in bf16 the explicit
+        softmax with the cheaper CPU :func:`~model.execution.dropout` is faster for LXMERT's short sequences.
+        """
         if mask is not None and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
-        dropout = self.dropout_prob if self.training else 0.0
-        fused = q.device.type != "cpu" or (dropout == 0.0 and q.dtype == torch.float32)
+        p = self.dropout_prob if self.training else 0.0
+        fused = q.device.type != "cpu" or (p == 0.0 and q.dtype == torch.float32)
         if output_attentions or not fused:
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
             if mask is not None:
                 scores = scores + mask
             probs = scores.softmax(dim=-1)
-            ctx = torch.matmul(fast_dropout(probs, dropout, self.training).to(v.dtype), v)
+            ctx = torch.matmul(dropout(probs, p, self.training).to(v.dtype), v)
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             probs = None
         return ctx, probs if output_attentions else None
 
@@ -486,9 +302,9 @@ class LxmertResidualOutput(nn.Module):
 
     def __init__(self, config: LxmertConfig, in_features: int) -> None:
         super().__init__()
-        self.dense = LxmertLinear(in_features, config.hidden_size)
+        self.dense = Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = LxmertDropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
         return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
@@ -514,50 +330,17 @@ class LxmertSelfAttentionLayer(nn.Module):
         input_tensor: Tensor,
         attention_mask: Tensor | None,
         output_attentions: bool = False,
-        packing: LanguagePacking | None = None,
+        plan: ExecutionPlan | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """``(B, S, H)`` -> ``(B, S, H)``; with ``packing``, ``(T, H)`` packed rows -> ``(T, H)``."""
-        if packing is None:
-            ctx, probs = self.self(input_tensor, input_tensor, attention_mask, output_attentions)
-            return self.output(ctx, input_tensor), probs
-        att = self.self
-        q, k, v = (packing.pad(proj(input_tensor)) for proj in (att.query, att.key, att.value))
-        ctx, _ = att.attend(q, k, v, attention_mask)
-        return self.output(packing.pack(ctx), input_tensor), None
-
-    def forward_rows(
-        self,
-        input_tensor: Tensor,
-        attention_mask: Tensor | None,
-        rows: Tensor,
-        packing: LanguagePacking | None = None,
-    ) -> Tensor:
-        """Only the outputs at flat ``rows`` (N,) of ``input_tensor`` (B, S, H) (or its packed ``(T, H)``
-        rows, with ``packing``; ``rows`` are flat ``B * S`` indices either way): ``(N, H)``.
-
-        Keys and values still come from every token of each row's sequence; queries, the output projection
-        and the residual only from the requested rows.
-        """
-        att = self.self
-        if packing is None:
-            n, hidden = input_tensor.shape[1:]
-            picked = input_tensor.reshape(-1, hidden).index_select(0, rows)
-            k, v = att._heads(att.key(input_tensor)), att._heads(att.value(input_tensor))
-        else:
-            n, hidden = packing.length, input_tensor.shape[-1]
-            picked = input_tensor.index_select(0, packing.rows(rows))
-            k = att._heads(packing.pad(att.key(input_tensor)))
-            v = att._heads(packing.pad(att.value(input_tensor)))
-        sample = torch.div(rows, n, rounding_mode="floor")
-        q = att.query(picked).view(-1, 1, att.num_attention_heads, att.attention_head_size).transpose(1, 2)
-        k, v = k.index_select(0, sample), v.index_select(0, sample)
-        mask = None if attention_mask is None else attention_mask.index_select(0, sample)
-        ctx, _ = att.core(q, k, v, mask)
-        return self.output(ctx.reshape(-1, hidden), picked)
+        if plan is not None and (plan.packing is not None or plan.language_rows is not None):
+            # Language side under a plan: packed tokens and / or only some output rows (model/execution.py).
+            return self_attention(self, input_tensor, attention_mask, plan), None
+        ctx, probs = self.self(input_tensor, input_tensor, attention_mask, output_attentions)
+        return self.output(ctx, input_tensor), probs
 
 
 class LxmertCrossAttentionLayer(nn.Module):
-    """Cross-attention block, applied in both directions with the same weights (``XLayer.visual_attention``)."""
+    """Cross-attention block, one set of weights for both directions (``XLayer.visual_attention``)."""
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
@@ -566,68 +349,45 @@ class LxmertCrossAttentionLayer(nn.Module):
 
     def forward(
         self,
-        input_tensor: Tensor,
-        ctx_tensor: Tensor,
-        ctx_att_mask: Tensor | None = None,
-        output_attentions: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        """One direction: ``input_tensor`` (B, Sq, H) attends over ``ctx_tensor`` (B, Sk, H)."""
-        ctx, probs = self.att(input_tensor, ctx_tensor, ctx_att_mask, output_attentions)
-        return self.output(ctx, input_tensor), probs
-
-    def language_only(
-        self, lang: Tensor, visn: Tensor, visn_mask: Tensor | None, packing: LanguagePacking | None = None
-    ) -> Tensor:
-        """Only the language side of :meth:`both_directions` (for a last layer whose vision side is unread):
-        queries from ``lang`` (B, L, H) (or packed ``(T, H)``), keys / values from ``visn`` (B, V, H)."""
-        att = self.att
-        hidden = visn.shape[-1]
-        lang_rows = lang.reshape(-1, hidden)
-        q = att.query(lang_rows)
-        q = q.view(lang.shape) if packing is None else packing.pad(q)
-        ctx, _ = att.attend(q, att.key(visn), att.value(visn), visn_mask)
-        ctx = ctx.reshape(-1, hidden) if packing is None else packing.pack(ctx)
-        return self.output(ctx, lang_rows).view(lang.shape)
-
-    def both_directions(
-        self,
         lang: Tensor,
         lang_mask: Tensor | None,
         visn: Tensor,
         visn_mask: Tensor | None,
         output_attentions: bool = False,
-        packing: LanguagePacking | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        plan: ExecutionPlan | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Language attends to vision and vision to language, sharing every projection.
 
-        ``lang`` (B, L, H) (or packed ``(T, H)`` rows with ``packing``), ``visn`` (B, V, H); masks additive
-        ``(B, 1, 1, S)`` or None. The projections run once over all language + vision tokens stacked as rows
-        (so every split is a contiguous block, with no copies). Returns the new ``lang`` (same layout as
-        given), ``visn`` and the language->vision probabilities when asked.
+        ``lang`` (B, L, H), ``visn`` (B, V, H); masks additive ``(B, 1, 1, S)`` or None. The projections run
+        once over all language + vision tokens stacked as rows (every split is a contiguous block, no copies).
+        Returns the new ``lang``, ``visn`` (None under a plan without the vision side) and the
+        language->vision probabilities when asked.
         """
-        b, n_visn, hidden = visn.shape
-        lang_rows = lang.reshape(-1, hidden)
-        sizes = [lang_rows.shape[0], b * n_visn]
-        both = torch.cat([lang_rows, visn.reshape(-1, hidden)])
+        if plan is not None and (plan.packing is not None or not plan.vision):
+            # Packed language tokens and / or no vision side (model/execution.py).
+            lang, visn = cross_attention(self, lang, lang_mask, visn, visn_mask, plan)
+            return lang, visn, None
+        b, n_lang, hidden = lang.shape
+        n_visn = visn.shape[1]
+        sizes = [b * n_lang, b * n_visn]
+        both = torch.cat([lang.reshape(-1, hidden), visn.reshape(-1, hidden)])
         att = self.att
         q_l, q_v = att.query(both).split(sizes)
         k_l, k_v = att.key(both).split(sizes)
         v_l, v_v = att.value(both).split(sizes)
-
-        def visn_seq(x: Tensor) -> Tensor:
-            return x.view(b, n_visn, -1)
-
-        def lang_seq(x: Tensor) -> Tensor:
-            return x.view(lang.shape) if packing is None else packing.pad(x)
-
         lang_ctx, probs = att.attend(
-            lang_seq(q_l), visn_seq(k_v), visn_seq(v_v), visn_mask, output_attentions
+            q_l.view(b, n_lang, -1),
+            k_v.view(b, n_visn, -1),
+            v_v.view(b, n_visn, -1),
+            visn_mask,
+            output_attentions,
         )
-        visn_ctx, _ = att.attend(visn_seq(q_v), lang_seq(k_l), lang_seq(v_l), lang_mask)
-        lang_ctx = lang_ctx.reshape(-1, hidden) if packing is None else packing.pack(lang_ctx)
-        ctx = torch.cat([lang_ctx, visn_ctx.reshape(-1, hidden)])
+        visn_ctx, _ = att.attend(
+            q_v.view(b, n_visn, -1), k_l.view(b, n_lang, -1), v_l.view(b, n_lang, -1), lang_mask
+        )
+        ctx = torch.cat([lang_ctx.reshape(-1, hidden), visn_ctx.reshape(-1, hidden)])
         lang_out, visn_out = self.output(ctx, both).split(sizes)
-        return lang_out.view(lang.shape), visn_seq(visn_out), probs
+        return lang_out.view(b, n_lang, -1), visn_out.view(b, n_visn, -1), probs
 
 
 class LxmertIntermediate(nn.Module):
@@ -635,7 +395,7 @@ class LxmertIntermediate(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.dense = LxmertLinear(config.hidden_size, config.intermediate_size)
+        self.dense = Linear(config.hidden_size, config.intermediate_size)
         self.intermediate_act_fn = _ACTIVATIONS[config.hidden_act]
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -663,14 +423,14 @@ class LxmertLayer(nn.Module):
         hidden_states: Tensor,
         attention_mask: Tensor | None = None,
         output_attentions: bool = False,
-        packing: LanguagePacking | None = None,
+        plan: ExecutionPlan | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        x, probs = self.attention(hidden_states, attention_mask, output_attentions, packing)
+        x, probs = self.attention(hidden_states, attention_mask, output_attentions, plan)
         return self.output(self.intermediate(x), x), probs
 
 
 class LxmertXLayer(nn.Module):
-    """Cross-modality layer: shared cross-attention (both directions), self-attention and FFN per modality."""
+    """Cross-modality layer: shared cross-attention (both directions), then self-attention and FFN per modality."""
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
@@ -689,35 +449,22 @@ class LxmertXLayer(nn.Module):
         visual_feats: Tensor,
         visual_attention_mask: Tensor | None,
         output_attentions: bool = False,
-        lang_rows: Tensor | None = None,
-        packing: LanguagePacking | None = None,
-        vision: bool = True,
+        plan: ExecutionPlan | None = None,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """``(B, L, H)``, ``(B, V, H)`` -> same shapes, plus the language->vision probabilities when asked.
 
-        ``lang_rows`` (N,) flat indices into ``B * L``: compute the language side after the cross-attention
-        only there; the language output is then ``(N, H)``. ``packing``: the language side is given (and
-        returned) as packed ``(T, H)`` rows. ``vision=False``: the vision side is not computed (returned as
-        None; the language side needs only the incoming vision states).
+        Under ``plan`` (see :class:`~model.execution.ExecutionPlan`) the language side may be packed rows and
+        come out only at ``plan.language_rows``, and the vision side may be skipped (None).
         """
-        if vision:
-            lang, visn, probs = self.visual_attention.both_directions(
-                lang_feats,
-                lang_attention_mask,
-                visual_feats,
-                visual_attention_mask,
-                output_attentions,
-                packing,
-            )
-        else:
-            lang = self.visual_attention.language_only(
-                lang_feats, visual_feats, visual_attention_mask, packing
-            )
-            visn = probs = None
-        if lang_rows is None:
-            lang, _ = self.lang_self_att(lang, lang_attention_mask, packing=packing)
-        else:
-            lang = self.lang_self_att.forward_rows(lang, lang_attention_mask, lang_rows, packing)
+        lang, visn, probs = self.visual_attention(
+            lang_feats,
+            lang_attention_mask,
+            visual_feats,
+            visual_attention_mask,
+            output_attentions,
+            plan,
+        )
+        lang, _ = self.lang_self_att(lang, lang_attention_mask, plan=plan)
         lang = self.lang_output(self.lang_inter(lang), lang)
         if visn is not None:
             visn, _ = self.visn_self_att(visn, visual_attention_mask)
@@ -733,11 +480,11 @@ class LxmertVisualFeatureEncoder(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.visn_fc = LxmertLinear(config.visual_feat_dim, config.hidden_size)
+        self.visn_fc = Linear(config.visual_feat_dim, config.hidden_size)
         self.visn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.box_fc = LxmertLinear(config.visual_pos_dim, config.hidden_size)
+        self.box_fc = Linear(config.visual_pos_dim, config.hidden_size)
         self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = LxmertDropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, visual_feats: Tensor, visual_pos: Tensor) -> Tensor:
         x = self.visn_layer_norm(self.visn_fc(visual_feats))
@@ -764,64 +511,52 @@ class LxmertEncoder(nn.Module):
         visual_attention_mask: Tensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
-        lang_rows: Tensor | None = None,
-        packing: LanguagePacking | None = None,
-        vision_output: bool = True,
-    ) -> LxmertModelOutput:
-        """Embedded tokens ``(B, L, H)`` and raw regions ``(B, V, F)``, ``(B, V, 4)``; additive masks.
-
-        ``lang_rows``: see :meth:`LxmertXLayer.forward` (applies to the last cross-modality layer).
-        ``packing``: ``lang_feats`` are packed ``(T, H)`` rows, and so are the language states.
-        ``vision_output=False``: the last cross-modality layer skips its vision side (``vision_output`` None).
-        """
+        plan: ExecutionPlan = FULL_PLAN,
+    ) -> LxmertEncoderOutput:
+        """Embedded tokens ``(B, L, H)`` (packed ``(T, H)`` under a plan with packing) and raw regions
+        ``(B, V, F)``, ``(B, V, 4)``; additive masks. ``plan`` applies to the last cross-modality layer;
+        the layers before it compute all their outputs (with the plan's packing)."""
         lang_states: list[Tensor] = []
         visn_states: list[Tensor] = []
         lang_atts: list[Tensor] = []
         visn_atts: list[Tensor] = []
         cross_atts: list[Tensor] = []
+        inner = plan.inner()
         lang = lang_feats
         visn = self.visn_fc(visual_feats, visual_pos)
         for layer in self.layer:
-            lang, probs = layer(lang, lang_attention_mask, output_attentions, packing)
+            lang, probs = layer(lang, lang_attention_mask, output_attentions, inner)
             lang_states.append(lang)
             lang_atts.append(probs)
         for layer in self.r_layers:
             visn, probs = layer(visn, visual_attention_mask, output_attentions)
             visn_states.append(visn)
             visn_atts.append(probs)
-        last = len(self.x_layers) - 1
         for i, layer in enumerate(self.x_layers):
-            rows = lang_rows if i == last else None
+            layer_plan = plan if i == len(self.x_layers) - 1 else inner
             lang, visn, probs = layer(
-                lang,
-                lang_attention_mask,
-                visn,
-                visual_attention_mask,
-                output_attentions,
-                rows,
-                packing,
-                vision=vision_output or i != last,
+                lang, lang_attention_mask, visn, visual_attention_mask, output_attentions, layer_plan
             )
             lang_states.append(lang)
             visn_states.append(visn)
             cross_atts.append(probs)
-        return LxmertModelOutput(
-            language_output=lang,
-            vision_output=visn,
-            language_hidden_states=tuple(lang_states) if output_hidden_states else None,
-            vision_hidden_states=tuple(visn_states) if output_hidden_states else None,
-            language_attentions=tuple(lang_atts) if output_attentions else None,
-            vision_attentions=tuple(visn_atts) if output_attentions else None,
-            cross_encoder_attentions=tuple(cross_atts) if output_attentions else None,
+        return LxmertEncoderOutput(
+            language=lang,
+            vision=visn,
+            language_states=tuple(lang_states) if output_hidden_states else (),
+            vision_states=tuple(visn_states) if output_hidden_states else (),
+            language_attentions=tuple(lang_atts) if output_attentions else (),
+            vision_attentions=tuple(visn_atts) if output_attentions else (),
+            cross_attentions=tuple(cross_atts) if output_attentions else (),
         )
 
 
 class LxmertPooler(nn.Module):
-    """``tanh(dense(first token))``: ``(B, L, H)`` -> ``(B, H)``."""
+    """``tanh(dense(first token))``: ``(B, S, H)`` -> ``(B, H)``."""
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.dense = LxmertLinear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.activation = nn.Tanh()
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -833,7 +568,7 @@ class LxmertPredictionHeadTransform(nn.Module):
 
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
-        self.dense = LxmertLinear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.transform_act_fn = _ACTIVATIONS[config.hidden_act]
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
@@ -847,19 +582,16 @@ class LxmertLMPredictionHead(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.transform = LxmertPredictionHeadTransform(config)
-        self.decoder = LxmertLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.decoder = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, hidden_states: Tensor, tied: _TiedGradient | None = None) -> Tensor:
-        """``(..., H)`` -> ``(..., vocab)`` logits. ``tied``: the decoder's weight gradient goes to the
-        word-embedding lookup of the same step (:class:`_TiedLookup`)."""
+    def forward(self, hidden_states: Tensor, tied: TiedEmbeddingGradient | None = None) -> Tensor:
+        """``(..., H)`` -> ``(..., vocab)`` logits."""
         h = self.transform(hidden_states)
-        if tied is None:
-            return linear(h, self.decoder.weight, self.bias)
-        dtype = torch.float32
-        if torch.is_autocast_enabled(h.device.type) and h.numel() > CPU_FP32_MAX_ROWS * h.shape[-1]:
-            dtype = torch.get_autocast_dtype(h.device.type)
-        return _TiedDecoder.apply(h, self.decoder.weight, self.bias, tied, dtype)
+        if tied is not None:
+            # The tied matrix's gradient shared with this step's word-embedding lookup (model/execution.py).
+            return tied.decode(h, self.decoder.weight, self.bias)
+        return linear(h, self.decoder.weight, self.bias)
 
 
 class LxmertPreTrainingHeads(nn.Module):
@@ -868,7 +600,7 @@ class LxmertPreTrainingHeads(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.predictions = LxmertLMPredictionHead(config)
-        self.seq_relationship = LxmertLinear(config.hidden_size, 2)
+        self.seq_relationship = Linear(config.hidden_size, 2)
 
     def forward(self, sequence_output: Tensor, pooled_output: Tensor) -> tuple[Tensor, Tensor]:
         return self.predictions(sequence_output), self.seq_relationship(pooled_output)
@@ -891,10 +623,10 @@ class LxmertVisualAnswerHead(nn.Module):
         super().__init__()
         hid = config.hidden_size * 2
         self.logit_fc = nn.Sequential(
-            LxmertLinear(in_dim or config.hidden_size, hid),
+            Linear(in_dim or config.hidden_size, hid),
             GeLU(),
             nn.LayerNorm(hid, eps=config.layer_norm_eps),
-            LxmertLinear(hid, num_labels),
+            Linear(hid, num_labels),
         )
 
     def forward(self, hidden_states: Tensor) -> Tensor:
@@ -914,7 +646,7 @@ class LxmertVisualObjHead(nn.Module):
             sizes["attr"] = config.num_attr_labels
         if config.visual_feat_loss:
             sizes["feat"] = config.visual_feat_dim
-        self.decoder_dict = nn.ModuleDict({k: LxmertLinear(config.hidden_size, n) for k, n in sizes.items()})
+        self.decoder_dict = nn.ModuleDict({k: Linear(config.hidden_size, n) for k, n in sizes.items()})
 
     def forward(self, hidden_states: Tensor) -> dict[str, Tensor]:
         """``(B, V, H)`` -> ``{"obj": (B, V, 1600), "attr": (B, V, 400), "feat": (B, V, F)}``."""
@@ -939,9 +671,16 @@ class LxmertPreTrainedModel(nn.Module):
         self.load_report = None
 
     def init_weights(self) -> None:
-        """BERT initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorm, zero pad rows."""
+        """BERT initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorm, zero pad rows.
+
+        Each module is initialised once: a backbone built inside a head model was initialised by its own
+        constructor, and the head model's call initialises only the heads.
+        """
         std = self.config.initializer_range
         for module in self.modules():
+            if getattr(module, "_lxmert_initialized", False):
+                continue
+            module._lxmert_initialized = True
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
@@ -1031,15 +770,17 @@ class LxmertModel(LxmertPreTrainedModel):
         ``visual_pos`` (B, V, 4) boxes in [0, 1]; ``attention_mask`` (B, L) and ``visual_attention_mask``
         (B, V) with 1 = keep; ``token_type_ids`` (B, L). Returns :class:`LxmertModelOutput`.
 
-        ``language_rows`` (N,) (advanced, used by pretraining): flat indices into ``B * L`` of the only
-        language positions needed; the last cross-modality layer then computes its language side only at
-        the B [CLS] rows and these, and ``language_output`` is ``(B + N, H)``: the [CLS] rows, then these.
-        On CPU, with padding in ``attention_mask`` and all these rows real tokens, the language side then also
-        skips the padded tokens throughout (:class:`LanguagePacking`); the outputs are the same.
+        What the caller reads (the heads say so; the numbers it reads are the same either way):
 
-        ``vision_output=False`` (advanced, used by the QA / NLVR2 heads, which read only the pooled output):
-        the last cross-modality layer skips its vision side and ``vision_output`` is None. Ignored when
-        hidden states or attentions are asked for.
+        - ``language_rows`` (N,): flat indices into ``B * L`` of the language outputs read, returned as
+          ``language_rows_output`` (N, H). Then the last cross-modality layer computes its language side only at
+          these rows and the first tokens (the pooler's input), and ``language_output`` is None; on CPU, when
+          ``attention_mask`` has padding and these rows are all real tokens, every layer's language side also
+          skips the padded tokens. An empty tensor: only the pooled output is read.
+        - ``vision_output=False``: the last cross-modality layer skips its vision side; ``vision_output`` None.
+
+        Both are ignored (everything is computed) when hidden states or attentions are asked for, or without
+        cross-modality layers.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LxmertModel: give exactly one of input_ids (B, L) or inputs_embeds (B, L, H)")
@@ -1052,35 +793,25 @@ class LxmertModel(LxmertPreTrainedModel):
             )
         warn_if_slow_cpu_autocast(visual_feats.device)
         embedding = self.embeddings(input_ids, token_type_ids, inputs_embeds)
+        batch, length, hidden = embedding.shape
         dtype = compute_dtype(embedding)
         lang_mask = additive_mask(attention_mask, dtype)
         visn_mask = additive_mask(visual_attention_mask, dtype)
-        rows = None
-        if language_rows is not None and self.config.x_layers > 0:
-            b, seq = embedding.shape[:2]
-            cls_rows = torch.arange(b, device=embedding.device) * seq
-            rows = torch.cat([cls_rows, language_rows.to(cls_rows.device)])
-        elif language_rows is not None:
-            raise ValueError(
-                "LxmertModel: language_rows needs at least one cross-modality layer (x_layers > 0)"
-            )
-        packing = None
-        if (
-            rows is not None
-            and lang_mask is not None
-            and embedding.device.type == "cpu"
-            and not output_hidden_states
-            and not output_attentions
-            and not torch.compiler.is_compiling()
-        ):
-            # Only real tokens are read at the end: skip the padding in every row-wise op (CPU: there the
-            # work is the time; on a GPU the extra index ops would cost more launches than they save).
-            packing = LanguagePacking(attention_mask)
-            if packing.covers(rows):
-                embedding = packing.pack(embedding)
-            else:
-                packing = None
-        out = self.encoder(
+        if language_rows is not None:
+            language_rows = language_rows.to(embedding.device)
+        plan = plan_execution(
+            batch,
+            length,
+            attention_mask,
+            language_rows,
+            vision_output,
+            cross_layers=self.config.x_layers,
+            every_output=bool(output_hidden_states) or bool(output_attentions),
+            pack_padding=embedding.device.type == "cpu" and not torch.compiler.is_compiling(),
+        )
+        if plan.packing is not None:
+            embedding = plan.packing.pack(embedding)
+        encoded = self.encoder(
             embedding,
             lang_mask,
             visual_feats,
@@ -1088,24 +819,34 @@ class LxmertModel(LxmertPreTrainedModel):
             visn_mask,
             output_attentions=bool(output_attentions),
             output_hidden_states=bool(output_hidden_states),
-            lang_rows=rows,
-            packing=packing,
-            vision_output=vision_output or bool(output_hidden_states) or bool(output_attentions),
+            plan=plan,
         )
-        if rows is None:
-            out.pooled_output = self.pooler(out.language_output)
+        if plan.language_rows is None:
+            language_output = encoded.language
+            pooled_output = self.pooler(language_output)
+            rows_output = None
+            if language_rows is not None:
+                rows_output = language_output.reshape(-1, hidden).index_select(0, language_rows)
         else:
-            out.pooled_output = self.pooler.activation(
-                self.pooler.dense(out.language_output[: visual_feats.shape[0]])
-            )
+            language_output = None
+            first_tokens, rows_output = encoded.language.split([batch, language_rows.shape[0]])
+            pooled_output = self.pooler(first_tokens[:, None])  # (B, 1, H): each sequence's first token
+        out = LxmertModelOutput(
+            language_output=language_output,
+            vision_output=encoded.vision,
+            pooled_output=pooled_output,
+            language_hidden_states=encoded.language_states if output_hidden_states else None,
+            vision_hidden_states=encoded.vision_states if output_hidden_states else None,
+            language_attentions=encoded.language_attentions if output_attentions else None,
+            vision_attentions=encoded.vision_attentions if output_attentions else None,
+            cross_encoder_attentions=encoded.cross_attentions if output_attentions else None,
+            language_rows_output=rows_output,
+        )
         return out.to_tuple() if return_dict is False else out
 
 
-def _cls_only_rows(config: LxmertConfig, output_hidden_states: Any, output_attentions: Any) -> Tensor | None:
-    """``language_rows`` for a head that reads only [CLS] (none beyond it), or None when all outputs are wanted."""
-    if config.x_layers == 0 or output_hidden_states or output_attentions:
-        return None
-    return torch.empty(0, dtype=torch.long)  # LxmertModel moves it to the inputs' device
+#: ``language_rows`` of a head that reads only the pooled output (LxmertModel moves it to the inputs' device).
+_POOLED_ONLY = torch.empty(0, dtype=torch.long)
 
 
 def _masked_mean_ce(logits: Tensor, target: Tensor) -> Tensor:
@@ -1167,38 +908,27 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
           ``labels`` and only at labelled tokens with them (``prediction_logits`` (N, vocab) then, with
           ``masked_lm_index``); ``True`` forces full ``(B, L, vocab)`` logits.
 
-        With MLM labels (and no hidden states / attentions asked for) the last cross-modality layer computes
-        its language side only at [CLS] and the labelled tokens, which is all the losses use. On CPU the
-        tied word-embedding / decoder matrix gets one dense gradient (the lookup's rows added into the decoder's),
-        whichever losses are back-propagated.
+        With MLM labels the backbone is told that only [CLS] and the labelled tokens are read (see
+        :meth:`LxmertModel.forward`). On CPU the tied word-embedding / decoder matrix gets one dense gradient
+        (:class:`~model.execution.TiedEmbeddingGradient`), whichever losses are back-propagated.
         """
         config = self.config
         use_labels = labels is not None and config.task_mask_lm
-        word_embeddings = self.lxmert.embeddings.word_embeddings
-        tied = None
-        if (
-            use_labels
-            and not full_mlm_logits
-            and input_ids is not None
-            and inputs_embeds is None
-            and input_ids.device.type == "cpu"
-            and self.cls.predictions.decoder.weight is word_embeddings.weight
-            and torch.is_grad_enabled()
-            and word_embeddings.weight.requires_grad
-            and not torch.compiler.is_compiling()
-        ):
-            # One dense gradient for the tied matrix: the decoder's, with the lookup's rows added in place (see
-            # _TiedLookup), instead of two vocab x H gradients summed (costly on CPU).
-            tied = _TiedGradient()
-            inputs_embeds = _TiedLookup.apply(input_ids, word_embeddings.weight, tied)
-            input_ids = None
         masked_index = None
-        prune = False
         if use_labels and not full_mlm_logits:
             flat_labels = labels.reshape(-1)
             masked_index = (flat_labels != -100).nonzero().squeeze(1)
-            # Only [CLS] (pooler) and the labelled tokens (MLM) of the last layer's language side are used.
-            prune = config.x_layers > 0 and not output_hidden_states and not output_attentions
+        mlm_head = self.cls.predictions
+        word_embeddings = self.lxmert.embeddings.word_embeddings
+        tied = None
+        if (
+            masked_index is not None
+            and inputs_embeds is None
+            and TiedEmbeddingGradient.applies(input_ids, word_embeddings.weight, mlm_head.decoder.weight)
+        ):
+            # One dense gradient for the tied matrix instead of two vocab x H ones summed (model/execution.py).
+            tied = TiedEmbeddingGradient()
+            inputs_embeds, input_ids = tied.lookup(input_ids, word_embeddings.weight), None
         out = self.lxmert(
             input_ids=input_ids,
             visual_feats=visual_feats,
@@ -1209,22 +939,17 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            language_rows=masked_index if prune else None,
+            language_rows=masked_index,  # the losses read [CLS] (pooled) and the labelled tokens only
         )
-        lang, visn, pooled = out.language_output, out.vision_output, out.pooled_output
+        visn, pooled = out.vision_output, out.pooled_output
         losses: dict[str, Tensor] = {}
 
         # Masked LM: the vocabulary projection only where a label asks for it, unless full logits are wanted.
-        mlm_head = self.cls.predictions
         if masked_index is not None:
-            if prune:
-                masked_states = lang[pooled.shape[0] :]
-            else:
-                masked_states = lang.reshape(-1, lang.shape[-1]).index_select(0, masked_index)
-            prediction_logits = mlm_head(masked_states, tied)
+            prediction_logits = mlm_head(out.language_rows_output, tied)
             losses["mlm"] = _masked_mean_ce(prediction_logits, flat_labels.index_select(0, masked_index))
         else:
-            prediction_logits = mlm_head(lang)
+            prediction_logits = mlm_head(out.language_output)
             if use_labels:
                 losses["mlm"] = _masked_mean_ce(
                     prediction_logits.reshape(-1, config.vocab_size), labels.reshape(-1)
@@ -1336,7 +1061,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
             inputs_embeds=inputs_embeds,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            language_rows=_cls_only_rows(self.config, output_hidden_states, output_attentions),
+            language_rows=_POOLED_ONLY,
             vision_output=False,
         )
         score = self.answer_head(out.pooled_output)
@@ -1408,7 +1133,7 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
             if visual_attention_mask is None
             else visual_attention_mask.flatten(0, 1),
             token_type_ids=pair(token_type_ids),
-            language_rows=_cls_only_rows(self.config, False, False),
+            language_rows=_POOLED_ONLY,
             vision_output=False,
         )
         pooled = out.pooled_output.reshape(b, -1)
