@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -119,7 +120,8 @@ class PretrainCorpus:
         return self.subset(np.flatnonzero(keep))
 
     def subset(self, items: np.ndarray) -> PretrainCorpus:
-        """The items ``items`` (sorted indices; grouping by image is kept)."""
+        """The items ``items``, in that order, which must keep each image's items together (sorted indices, or
+        a stable sort by image)."""
         items = np.asarray(items, dtype=np.int64)
         old_images = np.unique(self.item_image[items])
         remap = np.full(self.num_images, -1, dtype=np.int32)
@@ -217,58 +219,64 @@ def build_corpus(paths: Sequence[str | Path], answers: Sequence[str], limit: int
 
     ``answers``: the QA answer table (index = label); labels are normalised and pruned to it. ``limit`` > 0
     keeps the first ``limit`` images (JSON entries in file order). Items of one image are kept together
-    (in the order they appear). Raises :class:`PretrainDataError` for a bad file or when no sentence is found.
+    (in the order they appear). One file's JSON is held at a time; the items go straight into flat arrays.
+    Raises :class:`PretrainDataError` for a bad file or when no sentence is found.
     """
     if not paths:
         raise PretrainDataError("no pretraining JSON file given (data.train)")
     ans2label = {a: i for i, a in enumerate(answers)}
-    per_image: dict[str, list[tuple[int, int, str, dict[int, float]]]] = {}
+    images: dict[str, int] = {}
     sources: dict[str, int] = {}
+    item_image, item_source, item_pos = array("i"), array("h"), array("i")
+    text, text_start = bytearray(), array("q", [0])
+    label_answer, label_score, label_start = array("i"), array("f"), array("q", [0])
     for path in paths:
         for entry in read_pretrain_json(path):
             img_id = entry["img_id"]
-            if limit and img_id not in per_image and len(per_image) >= limit:
-                continue
-            items = per_image.setdefault(img_id, [])
+            g = images.get(img_id)
+            if g is None:
+                if limit and len(images) >= limit:
+                    continue
+                g = images[img_id] = len(images)
             labelf = entry.get("labelf", {})
             for source, sents in entry["sentf"].items():
                 src = sources.setdefault(source, len(sources))
                 labels = labelf.get(source)
                 for pos, sent in enumerate(sents):
-                    label: dict[int, float] = {}
+                    item_image.append(g)
+                    item_source.append(src)
+                    item_pos.append(pos)
+                    text += sent.encode("utf-8")
+                    text_start.append(len(text))
                     if labels is not None:
+                        label: dict[int, float] = {}
                         for raw, score in labels[pos].items():
                             ans = ans2label.get(normalize_answer(raw))
                             if ans is not None:
                                 label[ans] = float(score)  # a later raw answer with the same form overwrites
-                    items.append((src, pos, sent, label))
-    flat = [(g, item) for g, items in enumerate(per_image.values()) for item in items]
-    if not flat:
+                        label_answer.extend(label.keys())
+                        label_score.extend(label.values())
+                    label_start.append(len(label_answer))
+    if not item_image:
         names = ", ".join(str(p) for p in paths)
         raise PretrainDataError(f"no sentences in {names}: the pretraining data set is empty")
-    encoded = [item[2].encode("utf-8") for _, item in flat]
-    text_lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(flat))
-    label_lengths = np.fromiter((len(item[3]) for _, item in flat), dtype=np.int64, count=len(flat))
-    counts = np.bincount([g for g, _ in flat], minlength=len(per_image))
-    return PretrainCorpus(
-        img_ids=list(per_image),
+    image_index = np.array(item_image, dtype=np.int32)
+    corpus = PretrainCorpus(
+        img_ids=list(images),
         sources=list(sources),
-        image_start=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        item_image=np.fromiter((g for g, _ in flat), dtype=np.int32, count=len(flat)),
-        item_source=np.fromiter((item[0] for _, item in flat), dtype=np.int16, count=len(flat)),
-        item_pos=np.fromiter((item[1] for _, item in flat), dtype=np.int32, count=len(flat)),
-        text=np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
-        text_start=np.concatenate([[0], np.cumsum(text_lengths)]).astype(np.int64),
-        label_start=np.concatenate([[0], np.cumsum(label_lengths)]).astype(np.int64),
-        label_answer=np.fromiter(
-            (a for _, item in flat for a in item[3]), dtype=np.int32, count=int(label_lengths.sum())
-        ),
-        label_score=np.fromiter(
-            (s for _, item in flat for s in item[3].values()),
-            dtype=np.float32,
-            count=int(label_lengths.sum()),
-        ),
+        image_start=np.concatenate([[0], np.cumsum(np.bincount(image_index, minlength=len(images)))]),
+        item_image=image_index,
+        item_source=np.array(item_source, dtype=np.int16),
+        item_pos=np.array(item_pos, dtype=np.int32),
+        text=np.frombuffer(bytes(text), dtype=np.uint8).copy(),
+        text_start=np.array(text_start, dtype=np.int64),
+        label_start=np.array(label_start, dtype=np.int64),
+        label_answer=np.array(label_answer, dtype=np.int32),
+        label_score=np.array(label_score, dtype=np.float32),
     )
+    if np.any(np.diff(image_index) < 0):  # an image seen again later (e.g. in another file): group its items
+        corpus = corpus.subset(np.argsort(image_index, kind="stable"))
+    return corpus
 
 
 # ------------------------------------------------------------------------------------------------ draws

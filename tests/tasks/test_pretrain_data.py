@@ -119,6 +119,20 @@ def test_flattening_uids_and_labels(pretrain_files):
     assert build_corpus([pretrain_files["train"]], ANSWERS, limit=2).num_images == 2
 
 
+def test_an_image_in_two_files_keeps_its_items_together(tmp_path: Path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(entries(["x", "y"])))
+    second.write_text(
+        json.dumps([{"img_id": "x", "sentf": {"vg": ["a dog"]}, "labelf": {"vg": [{"yes": 1}]}}])
+    )
+    corpus = build_corpus([first, second], ANSWERS)
+    assert corpus.img_ids == ["x", "y"] and corpus.image_start.tolist() == [0, 4, 8]
+    assert [corpus.uid(i) for i in range(4)] == ["x_mscoco_000", "x_vqa_000", "x_vqa_001", "x_vg_000"]
+    assert corpus.sentence(3) == "a dog" and corpus.label(3)[0].tolist() == [0]
+    assert corpus.sentence(4) == SENTENCES[0] and corpus.uid(7) == "y_vqa_001"
+    assert [ANSWERS[a] for a in corpus.label(6)[0]] == ["cat", "dog"] and len(corpus.label(5)[0]) == 0
+
+
 def test_later_duplicate_answer_overwrites(tmp_path: Path):
     path = tmp_path / "d.json"
     path.write_text(

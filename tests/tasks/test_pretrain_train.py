@@ -1,0 +1,112 @@
+"""Pretraining through the shared trainer: the run's logs, and a run stopped and resumed (with data workers)
+reaching bitwise the weights of an uninterrupted one (masks and negatives included)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from common.config import load_config
+from extract.store import FeatureWriter
+from tasks.config import TrainConfig
+from tasks.pretrain import build
+
+trainer = pytest.importorskip("tasks.trainer")
+
+ROOT = Path(__file__).resolve().parents[2]
+DIM = 8
+ANSWERS = ["yes", "no", "2", "cat", "dog", "red"]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def config_for(tmp_path: Path):
+    rng = np.random.default_rng(1)
+    ids = [f"img{i}" for i in range(6)]
+    with FeatureWriter(tmp_path / "f.lmdb", extractor={"source": "tsv", "file": "x.tsv"}) as writer:
+        for img_id in ids:
+            xy = rng.uniform(0, 100, (5, 2))
+            writer.put(
+                img_id,
+                {
+                    "features": rng.normal(0.0, 1.0, (5, DIM)).astype(np.float32),
+                    "boxes": np.concatenate([xy, xy + 50], 1).astype(np.float32),
+                    "obj_ids": rng.integers(0, 1600, 5),
+                    "obj_conf": rng.uniform(0.1, 1, 5).astype(np.float32),
+                    "attr_ids": rng.integers(0, 400, 5),
+                    "attr_conf": rng.uniform(0.1, 1, 5).astype(np.float32),
+                    "img_h": 200,
+                    "img_w": 200,
+                },
+            )
+    data = [
+        {
+            "img_id": img_id,
+            "sentf": {
+                "mscoco": ["a cat on a red mat", "two dogs in a park"],
+                "vqa": ["what is it?", "how many?"],
+            },
+            "labelf": {"vqa": [{"cat": 1.0, "dog": 0.3}, {ANSWERS[k]: 1.0}]},
+        }
+        for k, img_id in enumerate(ids)
+    ]
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    (tmp_path / "answers.json").write_text(json.dumps(ANSWERS))
+
+    def make(*overrides: str) -> TrainConfig:
+        return load_config(
+            TrainConfig,
+            ROOT / "tasks" / "configs" / "pretrain_tiny.yaml",
+            [
+                f"data.train=[{tmp_path / 'p.json'}]",
+                f"data.valid={tmp_path / 'p.json'}",
+                f"data.features=[{tmp_path / 'f.lmdb'}]",
+                f"data.answers={tmp_path / 'answers.json'}",
+                f"model.visual_feat_dim={DIM}",
+                "model.hidden_size=32",
+                "model.intermediate_size=64",
+                "model.l_layers=1",
+                "data.batch_size=8",
+                "train.epochs=2",
+                "train.amp=none",
+                "train.device=cpu",
+                *overrides,
+            ],
+        )
+
+    return make
+
+
+def test_resumed_run_equals_uninterrupted(config_for, tmp_path: Path):
+    whole = tmp_path / "whole"
+    trainer.train(config_for(), build(config_for()), whole)
+    lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    train_line = next(x for x in lines if x["split"] == "train")
+    valid_line = next(x for x in lines if x["split"] == "valid")
+    for name in ("mlm", "matched", "obj", "attr", "feat", "qa"):
+        assert np.isfinite(train_line[f"loss_{name}"]) and np.isfinite(valid_line[f"loss_{name}"])
+    assert 0 <= valid_line["qa_accuracy"] <= 1
+    assert json.loads((whole / "final" / "label2ans.json").read_text()) == ANSWERS
+    assert json.loads((whole / "final" / "features.json").read_text())["feature_dim"] == DIM
+
+    parts = tmp_path / "parts"
+    trainer.train(config_for(), build(config_for()), parts, max_steps=4)
+    workers = config_for("data.workers=2")  # the draws depend on (seed, epoch, index) only
+    trainer.train(workers, build(workers), parts, resume=True)
+    a = load_file(whole / "final" / "model.safetensors")
+    b = load_file(parts / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
