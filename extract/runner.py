@@ -57,7 +57,7 @@ from extract.loading import AspectRatioGrouper, ImageDataset, worker_init
 from extract.outcome import ExtractSummary, Failure, failures_path, write_failures
 from extract.store import FeatureWriter, StoreError, StoreSettingsMismatch, check_compatible, open_metadata
 from extract.store_thread import StoreWriterThread
-from extract.weights import LoadReport, WeightsError, file_sha256, load_detector_weights
+from extract.weights import LoadReport, WeightsError, file_sha256, load_detector_weights, resolve_weights
 
 __all__ = [
     "AMP_DTYPES",
@@ -98,21 +98,23 @@ class ExtractionInterrupted(KeyboardInterrupt):
 
 
 # ------------------------------------------------------------------------------------------------ detector
-def _check_weights_file(config: ExtractConfig) -> None:
-    """Refuse missing or unreadable weights before anything slow (nothing to check with --random-weights)."""
+def _weights_file(config: ExtractConfig) -> Path | None:
+    """The local weights file of ``--weights`` (a file, a folder holding one, or a Hub id: see
+    :func:`extract.weights.resolve_weights`), checked readable before anything slow; None with
+    ``--random-weights``."""
     if config.random_weights:
-        return
+        return None
     if not config.weights:
         raise SetupError(
             "no detector weights given: pass --weights faster_rcnn_from_caffe_attr.pkl (or --random-weights)"
         )
-    path = Path(config.weights)
-    if not path.is_file():
-        raise SetupError(
-            f"weights file {path} not found (download faster_rcnn_from_caffe_attr.pkl or fix the path)"
-        )
+    try:
+        path = resolve_weights(config.weights)
+    except WeightsError as e:
+        raise SetupError(str(e)) from None
     if not os.access(path, os.R_OK):
         raise SetupError(f"weights file {path} is not readable (check its permissions)")
+    return path
 
 
 def load_detector(config: ExtractConfig, device: torch.device | str = "cpu") -> tuple[Any, LoadReport | None]:
@@ -124,7 +126,7 @@ def load_detector(config: ExtractConfig, device: torch.device | str = "cpu") -> 
     Raises:
         SetupError: unknown config, or weights that are missing, corrupt or incomplete.
     """
-    _check_weights_file(config)
+    _weights_file(config)
     try:
         cfg = get_detector_cfg(config.config, list(config.opts))
     except Exception as e:
@@ -154,11 +156,12 @@ def _weights_identity(config: ExtractConfig, report: LoadReport | None) -> tuple
     if config.random_weights:
         return None, None
     if report is not None:
-        return report.sha256, getattr(report, "layout", None)
+        return report.sha256, report.layout
+    path = _weights_file(config)
     try:
-        return file_sha256(config.weights), None
+        return file_sha256(path), None
     except (OSError, WeightsError) as e:
-        raise SetupError(f"cannot read the weights file {config.weights}: {e}") from None
+        raise SetupError(f"cannot read the weights file {path}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------- store
@@ -270,7 +273,7 @@ def run_extraction(
                 raise SetupError(str(e)) from None
         else:
             device = torch.device(getattr(detector, "device", device or "cpu"))
-        _check_weights_file(config)
+        _weights_file(config)
         # refuse a wrong store before the (slow) detector build; the weights' identity is checked on open
         _precheck_store(config, extractor_settings(config, None), ignore=_WEIGHTS_SETTINGS)
         report = None

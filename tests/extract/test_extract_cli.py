@@ -79,7 +79,7 @@ def test_weights_and_output_refusals(tmp_path: Path, capsys) -> None:
     assert main([imgs, str(out), *tiny]) == 2  # no weights at all
     assert "--weights" in capsys.readouterr().err
     assert main([imgs, str(out), "--weights", str(tmp_path / "missing.pkl"), *tiny]) == 2
-    assert "missing.pkl not found" in capsys.readouterr().err
+    assert "missing.pkl does not exist" in capsys.readouterr().err
     bad = tmp_path / "corrupt.pkl"
     bad.write_bytes(b"\x80\x04 definitely not a pickle")
     assert main([imgs, str(out), "--weights", str(bad), *tiny]) == 2

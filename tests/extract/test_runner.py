@@ -371,8 +371,8 @@ def test_weights_hashed_once_recorded_and_checked(
     assert any("2 images -> " in r.getMessage() for r in caplog.records)
     stored = open_metadata(out)["extractor"]
     assert (stored["weights"], stored["weights_sha256"]) == ("tiny.pth", sha)
-    assert stored["weights_layout"] == summary.weights_layout
-    assert summary.weights_sha256 == sha and f"weights tiny.pth (sha256 {sha[:12]}" in summary.format()
+    assert stored["weights_layout"] == summary.weights_layout == "detectron2"
+    assert f"weights tiny.pth (sha256 {sha[:12]}, layout detectron2)" in summary.format()
 
     hashed.clear()  # a detector built by the caller: the file is hashed here instead, still once
     again = run_extraction(config, items, detector=detector)
