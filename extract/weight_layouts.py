@@ -20,8 +20,11 @@ Layouts (:data:`LAYOUTS`), detected from the file's names and shapes by :func:`d
   the RPN scores each anchor with a 2-way softmax (``objectness_logits`` 2A rows: A background rows, then A
   object rows). Mapped exactly: rows rotated so background / "no attribute" come last, background's box rows
   dropped, and objectness = object logit - background logit (``sigmoid(o - b)`` is the softmax's object
-  probability). The RPN's anchor channels keep their order: MILVLG builds its anchors with Detectron2's
-  ``DefaultAnchorGenerator``, as this detector does.
+  probability). MILVLG reproduces Caffe's RPN (anchor scales 4, 8, 16, 32 times the stride 16, as in Caffe's
+  ``generate_anchors``), whose anchors run aspect ratio outer, scale inner; Detectron2 (and this detector)
+  run size outer, aspect ratio inner, so the RPN's per-anchor channels are reordered
+  (:func:`caffe_to_detectron2_anchor_order`). This ordering is MILVLG's Caffe emulation as read from its
+  config; a real file whose proposals look wrong would point here first.
 - ``detectron2``: this detector's names and layout in a ``.safetensors`` / ``.pth`` state dict (e.g. saved
   from :class:`extract.detector.VGDetector`).
 - ``caffe2-pkl``: a Detectron1 / Caffe2 pickle (``{"blobs": ...}`` or Caffe2 names), renamed by Detectron2's
@@ -61,7 +64,8 @@ MODULE_PREFIXES = ("backbone.", "proposal_generator.", "roi_heads.")
 
 _PRED = "roi_heads.box_predictor."
 _OBJECTNESS = "proposal_generator.rpn_head.objectness_logits."
-_ANCHOR_DELTAS = "proposal_generator.rpn_head.anchor_deltas.weight"
+_RPN_DELTAS = "proposal_generator.rpn_head.anchor_deltas."
+_ANCHOR_DELTAS = _RPN_DELTAS + "weight"
 
 #: MILVLG's attribute-head names -> this detector's.
 BUA_NAMES: dict[str, str] = {
@@ -135,11 +139,29 @@ def _first_to_last(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[1:], t[:1]])
 
 
-def to_detector(layout: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def caffe_to_detectron2_anchor_order(num_sizes: int, num_ratios: int) -> torch.Tensor:
+    """``order[j]`` = the Caffe anchor index of Detectron2 anchor j.
+
+    Detectron2's ``DefaultAnchorGenerator`` enumerates sizes outer, aspect ratios inner (j = s * R + r);
+    Caffe's ``generate_anchors`` aspect ratios outer, scales inner (i = r * S + s).
+    """
+    sizes = torch.arange(num_sizes).repeat_interleave(num_ratios)
+    ratios = torch.arange(num_ratios).repeat(num_sizes)
+    return ratios * num_sizes + sizes
+
+
+def to_detector(
+    layout: str, state: Mapping[str, torch.Tensor], anchor_grid: tuple[int, int] = (4, 3)
+) -> dict[str, torch.Tensor]:
     """A checked state dict of ``layout`` (shapes as :func:`expected_file_shapes`, non-weights dropped) in
-    this detector's names and layout. Exact: only renaming, row moves and (bua-caffe RPN) one subtraction."""
+    this detector's names and layout. Exact: renaming, row moves and (bua-caffe RPN) one subtraction.
+
+    ``anchor_grid``: (anchor sizes, aspect ratios) of the detector's RPN (``MODEL.ANCHOR_GENERATOR``), to
+    reorder a Caffe-ordered RPN's anchors.
+    """
     if layout != BUA_CAFFE:
         return dict(state)
+    order = caffe_to_detectron2_anchor_order(*anchor_grid)
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = BUA_NAMES.get(key, key)
@@ -147,8 +169,10 @@ def to_detector(layout: str, state: Mapping[str, torch.Tensor]) -> dict[str, tor
             value = _first_to_last(value)
         elif key in _BBOX:
             value = value[4:]
-        elif key.startswith(_OBJECTNESS):
+        elif key.startswith(_OBJECTNESS):  # (background A, object A) -> object - background, Caffe order
             anchors = value.shape[0] // 2
-            value = value[anchors:] - value[:anchors]
+            value = (value[anchors:] - value[:anchors])[order]
+        elif key.startswith(_RPN_DELTAS):  # (A * 4) anchor-major deltas, Caffe order
+            value = value.view(len(order), 4, *value.shape[1:])[order].flatten(0, 1)
         out[key] = value.contiguous()
     return out

@@ -145,6 +145,12 @@ def read_state_dict(
 
 
 # --------------------------------------------------------------------------------------------- loading
+def _anchor_grid(model: nn.Module) -> tuple[int, int]:
+    """(anchor sizes, aspect ratios) per position of the detector's RPN (one feature level)."""
+    anchors = model.cfg.MODEL.ANCHOR_GENERATOR
+    return len(anchors.SIZES[0]), len(anchors.ASPECT_RATIOS[0])
+
+
 def _refuse_unknown(path: Path, state: dict[str, torch.Tensor]) -> WeightsError:
     keys = sorted(state)
     return WeightsError(
@@ -225,7 +231,9 @@ def load_detector_weights(
             f"{len(report.missing)} [{groups}]: {shown}, found nothing. {hint} ({_GET_WEIGHTS}), or pass --random-weights to run "
             "without weights."
         )
-    converted = layouts.to_detector(layout, {k: v for k, v in state.items() if k in expected})
+    converted = layouts.to_detector(
+        layout, {k: v for k, v in state.items() if k in expected}, anchor_grid=_anchor_grid(model)
+    )
     with torch.no_grad():
         for key, tensor in own.items():
             if key in converted:

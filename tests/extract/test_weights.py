@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.anchor_generator import build_anchor_generator
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -20,6 +22,7 @@ from extract.cli import main as cli_main
 from extract.detector import VGDetector, build_vg_detector, get_detector_cfg
 from extract.selection import BoxSelection
 from extract.store import open_metadata
+from extract.weight_layouts import caffe_to_detectron2_anchor_order
 from extract.weights import UnsafePickleError, WeightsError, load_detector_weights
 
 
@@ -287,10 +290,17 @@ def _write_bua_caffe(model: VGDetector, path: Path, background_rpn: torch.Tensor
     """MILVLG's bua-caffe-frcn-r101_with_attributes.pth: Caffe's order under Detectron2 module names.
     Background / "no attribute" FIRST (cls_score, cls_embed, attr_linear2), bbox_pred with 1601*4 rows
     (background's first), the attribute layers named cls_embed / attr_linear1 / attr_linear2, a 2-way
-    softmax RPN objectness (A background rows, then A object rows), unfrozen res4/res5 BatchNorm counters.
+    softmax RPN objectness (A background rows, then A object rows), the RPN's anchors in Caffe's order
+    (aspect ratio outer, scale inner), unfrozen res4/res5 BatchNorm counters.
     ``background_rpn``: the background logits' weights (zeros: object logit - background logit is then
     exactly the sigmoid logit)."""
     names = {"cls_embedding": "cls_embed", "fc_attr": "attr_linear1", "attr_score": "attr_linear2"}
+    sizes = len(model.cfg.MODEL.ANCHOR_GENERATOR.SIZES[0])
+    ratios = len(model.cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])
+
+    def caffe_anchor_order(t: torch.Tensor) -> torch.Tensor:  # rows [size][ratio][k] -> [ratio][size][k]
+        return t.reshape(sizes, ratios, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
     g = torch.Generator().manual_seed(7)
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
@@ -300,7 +310,9 @@ def _write_bua_caffe(model: VGDetector, path: Path, background_rpn: torch.Tensor
             value = torch.cat([torch.randn((4, *value.shape[1:]), generator=g), value])
         elif key.startswith(OBJECTNESS):
             background = torch.zeros_like(value) if background_rpn is None else background_rpn[key]
-            value = torch.cat([background, value + background])
+            value = torch.cat([caffe_anchor_order(background), caffe_anchor_order(value + background)])
+        elif key.startswith("proposal_generator.rpn_head.anchor_deltas."):
+            value = caffe_anchor_order(value)
         layer = key.split(".")[2] if key.startswith(PRED) else ""
         if layer in names:
             key = key.replace(f"{PRED}{layer}.", f"{PRED}{names[layer]}.")
@@ -360,7 +372,31 @@ def test_bua_caffe_rpn_two_way_softmax_becomes_one_logit(source: VGDetector, tmp
     anchors = two_way.shape[1] // 2
     caffe_object = two_way.view(1, 2, anchors, 5, 5).softmax(dim=1)[:, 1]
     ours = torch.sigmoid(target.proposal_generator.rpn_head.objectness_logits(hidden))
-    torch.testing.assert_close(ours, caffe_object, rtol=1e-4, atol=1e-6)
+    order = caffe_to_detectron2_anchor_order(4, 3)  # vg_tiny: 4 sizes x 3 aspect ratios
+    torch.testing.assert_close(ours, caffe_object[:, order], rtol=1e-4, atol=1e-6)
+
+
+def _caffe_generate_anchors(
+    scales: list[int], ratios: list[float], base: int = 16
+) -> list[tuple[float, float]]:
+    """(width, height) of Caffe's generate_anchors (py-faster-rcnn): ratio outer, scale inner, rounded."""
+    out = []
+    for ratio in ratios:
+        w = round(np.sqrt(base * base / ratio))
+        h = round(w * ratio)
+        out.extend((w * s, h * s) for s in scales)
+    return out
+
+
+def test_caffe_anchor_order_maps_to_detectron2_anchors() -> None:
+    """Detectron2's anchor j and the Caffe anchor order[j] have (nearly) the same width and height."""
+    generator = build_anchor_generator(get_detector_cfg("vg_r101_c4"), [ShapeSpec(channels=1024, stride=16)])
+    (cell,) = list(generator.cell_anchors)
+    detectron2 = torch.stack([cell[:, 2] - cell[:, 0], cell[:, 3] - cell[:, 1]], dim=1)
+    caffe = torch.tensor(_caffe_generate_anchors([4, 8, 16, 32], [0.5, 1.0, 2.0]), dtype=torch.float32)
+    order = caffe_to_detectron2_anchor_order(4, 3)
+    assert sorted(order.tolist()) == list(range(12)) and order.tolist() != list(range(12))
+    torch.testing.assert_close(caffe[order], detectron2, rtol=0.1, atol=0.0)  # Caffe rounds to pixels
 
 
 @pytest.mark.parametrize("rule", ["caffe", "maxnms"])
