@@ -179,6 +179,15 @@ class RegionFeatures:
         """Paths of the stores whose detector had random weights (their obj / attr labels are noise)."""
         return [e["path"] for e in self.extractors if e["random_weights"]]
 
+    def extractor_settings(self) -> list[Any]:
+        """The distinct extractor settings of the stores, in store order (saved as ``extractor.json``: what
+        ``lxmert-answer`` compares with its own extractor)."""
+        settings: list[Any] = []
+        for store in self.extractors:
+            if store["extractor"] not in settings:
+                settings.append(store["extractor"])
+        return settings
+
     def describe(self) -> dict[str, Any]:
         """What a model trained on these features expects: per store its extractor settings and feature size,
         and the standardisation statistics when used (JSON-serialisable; saved as ``features.json``)."""

@@ -317,8 +317,13 @@ class PretrainTask:
         return metrics
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        """Beside every model: the QA answer table (``label2ans.json``) and the features it expects."""
-        return {"label2ans.json": list(self.answers), "features.json": self.features.describe()}
+        """Beside every model: the QA head's answers (``label2ans.json``), the stores' extractor settings
+        (``extractor.json``) and the features it expects (``features.json``: stores, size, standardisation)."""
+        return {
+            "label2ans.json": list(self.answers),
+            "extractor.json": self.features.extractor_settings(),
+            "features.json": self.features.describe(),
+        }
 
 
 def _describe(config: LxmertConfig) -> str:

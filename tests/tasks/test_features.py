@@ -135,6 +135,7 @@ def test_random_weight_metadata(tmp_path: Path):
     described = feats.describe()
     assert described["stores"][1]["extractor"]["random_weights"] is True
     assert described["feature_dim"] == DIM
+    assert feats.extractor_settings() == [{"source": "tsv", "file": "tsv.lmdb"}, extracted]
     assert is_random_weights({"weights": "random(seed=3)"})
     assert is_random_weights({"weights": None, "selection": "caffe"})
     assert not is_random_weights({"weights": "faster_rcnn_from_caffe_attr.pkl", "random_weights": False})

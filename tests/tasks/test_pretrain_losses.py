@@ -269,6 +269,7 @@ def test_feature_size_mismatch_and_answers_in_extras(files):
     task = build(make_config(files))
     extras = task.checkpoint_extras()
     assert extras["label2ans.json"] == ANSWERS and extras["features.json"]["feature_dim"] == DIM
+    assert extras["extractor.json"] == [{"source": "tsv", "file": "x.tsv"}]
     assert task.build_model(None).config.num_qa_labels == len(ANSWERS)
 
 
