@@ -55,11 +55,6 @@ VISUAL_LOSSES = ("obj", "attr", "feat")
 STATS_IMAGES = 2000  # train images sampled for the standardisation statistics
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if hasattr(model, "module") else model
-
-
 def pretrain_losses(
     out: Any, batch: dict[str, Any], enabled: dict[str, bool], qa_weight: float
 ) -> tuple[Tensor, dict[str, Tensor]]:
