@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from common.config import load_config
-from extract.store import FeatureWriter
+from extract.store import FeatureStore, FeatureWriter
+from extract.tsv import import_tsv
 from tasks.config import TrainConfig
 from tasks.pretrain import build
 
@@ -110,3 +111,44 @@ def test_resumed_run_equals_uninterrupted(config_for, tmp_path: Path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_real_lxmert_features_and_answer_table(coco_tsv: Path, shared_data: Path, tmp_path: Path):
+    """The original LXMERT TSV features (36 x 2048, imported into a store) and the real 9500-answer table through
+    the shipped tiny config: one training step and a validation."""
+    answers = shared_data / "lxmert_answers" / "all_ans.json"
+    if not answers.is_file():
+        pytest.skip(f"{answers} is missing")
+    import_tsv(coco_tsv, tmp_path / "coco.lmdb")
+    with FeatureStore(tmp_path / "coco.lmdb") as store:
+        ids = store.ids()
+    assert len(ids) == 10
+    data = [
+        {
+            "img_id": img_id,
+            "sentf": {"mscoco": ["a photo of something"], "vqa": ["what color is it?"]},
+            "labelf": {"vqa": [{"White.": 0.6, "the grey": 1.0}]},
+        }
+        for img_id in ids
+    ]
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    config = load_config(
+        TrainConfig,
+        ROOT / "tasks" / "configs" / "pretrain_tiny.yaml",
+        [
+            f"data.train=[{tmp_path / 'p.json'}]",
+            f"data.valid={tmp_path / 'p.json'}",
+            f"data.features=[{tmp_path / 'coco.lmdb'}]",
+            f"data.answers={answers}",
+            "data.batch_size=8",
+            "train.epochs=1",
+            "train.amp=none",
+            "train.device=cpu",
+        ],
+    )
+    task = build(config)
+    assert task.train_corpus.label(1)[0].size == 2  # "white" and "gray" are in the table
+    summary = trainer.train(config, task, tmp_path / "run", max_steps=1)
+    assert summary["step"] == 1
+    features = json.loads((tmp_path / "run" / "final" / "features.json").read_text())
+    assert features["feature_dim"] == 2048 and features["stores"][0]["extractor"]["source"] == "tsv"
