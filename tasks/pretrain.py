@@ -103,6 +103,13 @@ class PretrainTask:
         unknown = sorted(set(pre.visual_losses) - set(VISUAL_LOSSES))
         if unknown:
             raise ValueError(f"pretrain.visual_losses: unknown {unknown}; choose among {list(VISUAL_LOSSES)}")
+        for key in ("word_mask_rate", "obj_mask_rate"):
+            if not 0 < getattr(pre, key) <= 1:
+                raise ValueError(f"pretrain.{key}={getattr(pre, key)} must be in (0, 1] (the original: 0.15)")
+        if data.max_seq_length < 3:
+            raise ValueError(
+                f"data.max_seq_length={data.max_seq_length}: [CLS], [SEP] and a token need 3 (LXMERT: 20)"
+            )
         self.enabled = {"mlm": pre.mlm, "matched": pre.matched, "qa": pre.qa}
         self.enabled.update({k: k in pre.visual_losses for k in VISUAL_LOSSES})
         if not any(self.enabled.values()):
@@ -115,7 +122,7 @@ class PretrainTask:
         if pre.qa and not self.answers:
             raise ValueError(f"{data.answers}: no answer left for data.qa_sets={data.qa_sets}")
         self.tokenizer = LxmertTokenizer(max_length=data.max_seq_length)
-        self.features = RegionFeatures(data.features)
+        self.features = RegionFeatures(data.features, zero_visual=data.zero_visual)
         self.options = MaskingOptions(
             max_seq_length=data.max_seq_length,
             mlm=pre.mlm,

@@ -260,6 +260,17 @@ def test_random_weight_store_warns_for_label_losses(files, tmp_path: Path, caplo
     assert task.checkpoint_extras()["features.json"]["stores"][0]["random_weights"] is True
 
 
+def test_bad_settings_are_refused(files):
+    for override, pattern in [
+        ("pretrain.word_mask_rate=0", r"pretrain.word_mask_rate=0.0 must be in \(0, 1\]"),
+        ("pretrain.obj_mask_rate=1.5", r"pretrain.obj_mask_rate=1.5"),
+        ("data.max_seq_length=2", r"data.max_seq_length=2"),
+        ("pretrain.visual_losses=[obj,depth]", r"pretrain.visual_losses: unknown \['depth'\]"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            build(make_config(files, override))
+
+
 def test_feature_size_mismatch_and_answers_in_extras(files):
     task = build(make_config(files, "model.visual_feat_dim=16"))
     with pytest.raises(
