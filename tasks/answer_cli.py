@@ -261,9 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the extractor check is printed below
-            answerer = Answerer.load(
-                args.model, config, answers=args.answers, device=args.device, amp=args.amp, strict=args.strict
-            )
+            answerer = Answerer.load(args.model, config, answers=args.answers, strict=args.strict)
     except AnswerSetupError as e:
         _error(str(e))
         return EXIT_REFUSED

@@ -25,7 +25,6 @@ checked.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -229,7 +228,6 @@ class Answerer:
         extractor_check: ExtractorCheck | None = None,
         feature_stats: FeatureStats | None = None,
         device: torch.device | str = "cpu",
-        amp: str = "none",
         tokenizer: LxmertTokenizer | None = None,
         cache_size: int = 8,
     ) -> None:
@@ -241,17 +239,12 @@ class Answerer:
         self.extractor_check = extractor_check or ExtractorCheck()
         self.feature_stats = feature_stats
         self.device = torch.device(device)
-        self.amp = amp
         self.tokenizer = tokenizer or LxmertTokenizer()
         self.vocab = load_vg_vocab()
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self.load_s: dict[str, float] = {}
-        if len(self.answers) != model.config.num_qa_labels:
-            raise AnswerSetupError(
-                f"the answer table has {len(self.answers)} answers but the model's answer head has "
-                f"{model.config.num_qa_labels} outputs; pass the label2ans.json the model was fine-tuned with"
-            )
+        _check_table(self.answers, model)
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
@@ -261,8 +254,6 @@ class Answerer:
         extract_config: ExtractConfig,
         *,
         answers: str | os.PathLike | None = None,
-        device: str | None = None,
-        amp: str = "none",
         strict: bool = False,
         warn: bool = True,
     ) -> Answerer:
@@ -271,24 +262,25 @@ class Answerer:
         Args:
             model_path: anything :meth:`model.LxmertForQuestionAnswering.from_pretrained` reads; a folder may
                 hold ``label2ans.json`` and ``extractor.json``.
-            extract_config: detector config, weights (or ``random_weights``), box selection and image sizes.
+            extract_config: detector config, weights (or ``random_weights``), box selection and image sizes, as
+                for ``extract-features``; its ``device`` (None: CUDA when available) and ``amp`` (autocast dtype)
+                serve the detector and the model.
             answers: the answer table (``label2ans.json``, ``ans2label.json`` or ``all_ans.json``), needed when
                 the model folder carries none; overrides the folder's.
-            device: ``cpu`` / ``cuda`` / ``cuda:N`` (default: CUDA when available).
-            amp: ``none`` / ``bf16`` / ``fp16``: autocast for the detector and the model.
             strict: refuse (``AnswerSetupError``) when the model's extractor record differs from this extractor.
             warn: emit a ``UserWarning`` naming the differences (``lxmert-answer`` prints them itself).
 
         Raises:
             AnswerSetupError: naming the file and what to do.
         """
-        if amp not in ("none", "bf16", "fp16"):
-            raise AnswerSetupError(f"amp must be none, bf16 or fp16, got {amp!r}")
         try:
-            dev = resolve_device(device)
+            dev = resolve_device(extract_config.device)
         except DeviceError as e:
             raise AnswerSetupError(str(e)) from None
-        extract_config = dataclasses.replace(extract_config, amp=amp)
+        except RuntimeError as e:  # not a device name
+            raise AnswerSetupError(
+                f"device {extract_config.device!r}: {e}; use cpu, cuda or cuda:N"
+            ) from None
         load_s: dict[str, float] = {}
         folder = Path(model_path) if Path(model_path).is_dir() else None
 
@@ -306,6 +298,7 @@ class Answerer:
         start = time.perf_counter()
         model = _load_model(model_path, dev)
         load_s["model"] = time.perf_counter() - start
+        _check_table(table, model)
 
         start = time.perf_counter()
         try:
@@ -339,7 +332,6 @@ class Answerer:
             extractor_check=check,
             feature_stats=stats,
             device=dev,
-            amp=amp,
         )
         load_s["tokenizer"] = time.perf_counter() - start
         answerer.load_s = load_s
@@ -414,7 +406,7 @@ class Answerer:
         boxes = normalize_boxes(record["boxes"], record["img_h"], record["img_w"])
         pos = torch.from_numpy(boxes)[None].to(self.device)
         enc = {k: v.to(self.device) for k, v in self.tokenizer(question).items()}
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.amp)
+        dtype = self.extract_config.amp_dtype
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = self.model(
                 input_ids=enc["input_ids"],
@@ -446,6 +438,14 @@ class Answerer:
 
 
 # ------------------------------------------------------------------------------------------- loading parts
+def _check_table(answers: list[str], model: LxmertForQuestionAnswering) -> None:
+    if len(answers) != model.config.num_qa_labels:
+        raise AnswerSetupError(
+            f"the answer table has {len(answers)} answers but the model's answer head has "
+            f"{model.config.num_qa_labels} outputs; pass the label2ans.json the model was fine-tuned with"
+        )
+
+
 def _answer_table(model_path: Any, folder: Path | None, answers: Any) -> list[str]:
     path = Path(answers) if answers is not None else (folder / LABELS_FILE if folder is not None else None)
     if path is None or not path.is_file():

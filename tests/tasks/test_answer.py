@@ -98,7 +98,7 @@ def built(tmp_path_factory) -> dict:
 
 
 def _answer_config(built: dict, **kw) -> ExtractConfig:
-    base = dict(out="", weights=str(built["weights"]), config="vg_tiny", **SMALL)
+    base = dict(out="", weights=str(built["weights"]), config="vg_tiny", device="cpu", **SMALL)
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -121,7 +121,7 @@ def _cli_args(built: dict, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def answerer(built: dict) -> Answerer:
-    return Answerer.load(built["model_dir"], _answer_config(built), device="cpu")
+    return Answerer.load(built["model_dir"], _answer_config(built))
 
 
 # ------------------------------------------------------------------------------ equal to store + model
@@ -179,7 +179,7 @@ def test_standardised_features_as_in_training(built: dict, answerer: Answerer, t
     mean, std = rng.normal(size=dim).astype(np.float32), rng.uniform(0.5, 2, size=dim).astype(np.float32)
     stats = {"mean": mean.tolist(), "std": std.tolist(), "num_regions": 36}
     (folder / "features.json").write_text(json.dumps({"standardize": stats}))
-    standardised = Answerer.load(folder, _answer_config(built), device="cpu", warn=False)
+    standardised = Answerer.load(folder, _answer_config(built), warn=False)
     with FeatureStore(built["store"], normalize_boxes=True) as fs:
         rec = fs["photo"]
     with torch.no_grad():
@@ -313,7 +313,7 @@ def test_api_errors(built: dict, answerer: Answerer, tmp_path: Path) -> None:
         answerer.answer(built["image"], "")
     with pytest.raises(AnswerInputError, match="file not found"):
         answerer.answer(tmp_path / "nope.png", QUESTION)
-    with pytest.raises(AnswerSetupError, match="weights file .* not found"):
+    with pytest.raises(AnswerSetupError, match="weight file .* does not exist"):
         Answerer.load(built["model_dir"], _answer_config(built, weights=str(tmp_path / "w.pkl")))
     with pytest.raises(AnswerSetupError, match="128-d region features but .* expects 2048-d"):
         folder = tmp_path / "wide"
