@@ -96,6 +96,11 @@ def train(
 
     # --- 2. the model (fresh or from the checkpoint to resume) -------------------------------------------
     resume_dir, state = None, None
+    if not resume and ckpt.list_step_dirs(run_dir / "checkpoints"):
+        raise ConfigError(
+            f"{run_dir} already holds the checkpoints of a run: add --resume to continue it, or choose another "
+            "--output (a new run would overwrite them)"
+        )
     if resume:
         resume_dir = ckpt.find_resume_checkpoint(run_dir)
         state = ckpt.load_trainer_state(resume_dir)

@@ -20,7 +20,7 @@ from common.config import ConfigError
 from tasks import checkpointing as ckpt
 from tasks.cli import main as cli_main
 from tasks.config import TrainLoopConfig
-from tasks.trainer import GlobalBatchSampler, TrainingStopped, micro_batching, train
+from tasks.trainer import GlobalBatchSampler, TrainingStopped, micro_batching, resolve_amp, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,3 +194,33 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
     )
     assert "cannot read the config file" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r" / "checkpoints")
+
+
+def test_fp16_runs_with_a_grad_scaler_saved_and_resumed(tmp_path, cfg_factory):
+    config = cfg_factory(epochs=1, amp="fp16")
+    train(config, ToyTask(config), tmp_path / "run", max_steps=3)
+    state = ckpt.load_trainer_state(tmp_path / "run" / "checkpoints" / "latest")
+    assert state["scaler"]["scale"] > 0
+    summary = train(config, ToyTask(config), tmp_path / "run", resume=True)
+    assert summary["completed"]
+    for name, value in weights(tmp_path / "run" / "final").items():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all(), name
+
+
+def test_amp_auto_follows_the_device(monkeypatch):
+    import tasks.trainer as trainer_module
+
+    assert resolve_amp("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert resolve_amp("none", torch.device("cuda", 0)) is None
+    assert resolve_amp("fp16", torch.device("cpu")) == torch.float16
+    monkeypatch.setattr(trainer_module, "cpu_autocast_is_fast", lambda dtype: False)
+    assert resolve_amp("auto", torch.device("cpu")) is None
+    monkeypatch.setattr(trainer_module, "cpu_autocast_is_fast", lambda dtype: True)
+    assert resolve_amp("auto", torch.device("cpu")) == torch.bfloat16
+
+
+def test_a_new_run_refuses_a_run_dir_with_checkpoints(tmp_path, cfg_factory):
+    config = cfg_factory(epochs=1)
+    train(config, ToyTask(config), tmp_path / "run", max_steps=1)
+    with pytest.raises(ConfigError, match="already holds the checkpoints of a run: add --resume"):
+        train(config, ToyTask(config), tmp_path / "run")
