@@ -34,7 +34,6 @@ from extract.runner import AMP_DTYPES, ExtractConfig
 from extract.selection import BoxSelection
 from tasks.answerer import (
     Answerer,
-    AnswerError,
     AnswerInputError,
     AnswerResult,
     AnswerSetupError,
@@ -197,7 +196,7 @@ def _format_text(result: AnswerResult, regions: int = 3) -> str:
     return "\n".join(lines)
 
 
-def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str | None:
+def _check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, or None."""
     if args.questions is not None:
         if args.image is not None:
@@ -209,6 +208,10 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> st
             return "give IMAGE and QUESTION (or --questions FILE.jsonl)"
         if args.out is not None:
             return "--out goes with --questions; with IMAGE QUESTION the answer is printed"
+    for name in ("out", "draw"):
+        target = getattr(args, name)
+        if target is not None and not Path(target).resolve().parent.is_dir():
+            return f"--{name} {target}: the folder {Path(target).resolve().parent} does not exist"
     if not args.random_weights and not args.weights:
         return "--weights FILE is required (e.g. faster_rcnn_from_caffe_attr.pkl), or --random-weights"
     if args.top_k < 1:
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``lxmert-answer``; returns the exit code (0 answered, 1 bad input, 2 refused)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = _check_args(args, parser)
+    problem = _check_args(args)
     if problem is None:
         try:
             config = _extract_config(args)
@@ -294,7 +297,7 @@ def _answer_all(
     for q in questions:
         order.setdefault(q.image, []).append(q)
     batch_mode = args.questions is not None
-    sink = open(args.out, "w", encoding="utf-8") if (batch_mode and args.out) else sys.stdout  # noqa: SIM115
+    sink = open(args.out, "w", encoding="utf-8") if (batch_mode and args.out) else sys.stdout
     results: list[AnswerResult] = []
     failed = 0
     bar = tqdm(
@@ -309,8 +312,6 @@ def _answer_all(
             for q in group:
                 try:
                     result = answerer.answer(q.image, q.question, top_k=args.top_k)
-                    if args.draw:
-                        draw_result(result, args.draw, max_pixels=args.max_pixels)
                 except AnswerInputError as e:
                     failed += 1
                     where = f"{args.questions}:{q.line}: " if batch_mode else ""
@@ -327,21 +328,23 @@ def _answer_all(
                     print(json.dumps(result.to_dict(), ensure_ascii=False))
                 else:
                     print(_format_text(result))
+                if args.draw:
+                    try:
+                        draw_result(result, args.draw, max_pixels=args.max_pixels)
+                        print(f"{PROG}: picture written to {args.draw}", file=sys.stderr)
+                    except (AnswerInputError, OSError) as e:
+                        _error(str(e))
+                        failed += 1
                 if args.verbose:
                     print(
                         f"{PROG}: {q.image}: extraction {result.extract_s:.2f} s, model {result.model_s:.3f} s",
                         file=sys.stderr,
                     )
                 bar.update(1)
-    except AnswerError as e:  # pragma: no cover - every input error is an AnswerInputError
-        _error(str(e))
-        failed += 1
     finally:
         bar.close()
         if sink is not sys.stdout:
             sink.close()
-    if args.draw and results:
-        print(f"{PROG}: picture written to {args.draw}", file=sys.stderr)
     return results, failed
 
 

@@ -300,6 +300,12 @@ def test_bad_inputs_one_clear_line_each(built: dict, tmp_path: Path, capsys) -> 
         assert main([*argv, *_cli_args(built)]) == code, argv
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and all(w in err for w in words), err
+    assert (
+        main([str(built["image"]), QUESTION, *_cli_args(built, "--draw", str(tmp_path / "no" / "x.png"))])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--draw" in err and "does not exist" in err
     assert main([str(built["image"]), QUESTION, *no_head]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has no answer head" in err and "fine-tune" in err
