@@ -28,6 +28,7 @@ class DataConfig:
     max_seq_length: int = 20
     workers: int = 2
     allow_missing_images: bool = False  # drop (and count) items whose image is in no store instead of failing
+    zero_visual: bool = False  # every region feature and box zeroed: the question-only baseline
     standardize_features: bool = False  # subtract the train store's per-dimension mean, divide by its std
     # Pretraining / demo: a subset for quick runs (0 = all)
     limit: int = 0

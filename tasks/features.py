@@ -125,11 +125,15 @@ class RegionFeatures:
     the feature dimension.
     """
 
-    def __init__(self, paths: Sequence[str | Path], stats: FeatureStats | None = None) -> None:
+    def __init__(
+        self, paths: Sequence[str | Path], stats: FeatureStats | None = None, zero_visual: bool = False
+    ) -> None:
         if not paths:
             raise ValueError("no feature store given: set data.features to one or more stores (.lmdb)")
         self.paths = [Path(p) for p in paths]
         self.stats = stats
+        # the question-only baseline (data.zero_visual): every region feature and box reads as zeros
+        self.zero_visual = zero_visual
         self._stores: list[FeatureStore] = []
         for path in self.paths:
             try:
@@ -263,11 +267,14 @@ class RegionFeatures:
             index = self._where[img_id]
         record = self._stores[index][img_id]
         features = record["features"].astype(np.float32, copy=False)
+        boxes = record["boxes"].astype(np.float32, copy=False)
         if self.stats is not None:
             features = self.stats.apply(features)
+        if self.zero_visual:
+            features, boxes = np.zeros_like(features), np.zeros_like(boxes)
         return Regions(
             features=features,
-            boxes=record["boxes"].astype(np.float32, copy=False),
+            boxes=boxes,
             obj_ids=record["obj_ids"].astype(np.int64, copy=False),
             obj_conf=record["obj_conf"].astype(np.float32, copy=False),
             attr_ids=record["attr_ids"].astype(np.int64, copy=False),

@@ -1,7 +1,9 @@
-"""The one-shot pipeline runs end to end (reduced detector config to stay fast) and resumes."""
+"""pipelines/full_run.sh: --dry-run names every stage's real command; a reduced demo runs end to end, writes
+its report, summary, plots and predictions, and a second run skips every finished stage."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,33 +12,96 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+STAGES = [
+    "data",
+    "extract",
+    "probe",
+    "pretrain",
+    "finetune",
+    "finetune_question_only",
+    "predict",
+    "predict_question_only",
+    "report",
+]
+
+
+def _needs_venv() -> None:
+    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        pytest.skip("tests are not running from the clone's .venv")
+
+
+def _run(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEVICE="cpu", OMP_NUM_THREADS="2")
+    env.pop("WEIGHTS", None)
+    env.pop("CONFIG", None)
+    return subprocess.run(
+        ["bash", str(ROOT / "pipelines" / "full_run.sh"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+
+
+def test_dry_run_prints_every_stage_command(tmp_path: Path) -> None:
+    _needs_venv()
+    out = _run(["--dry-run", "--run-dir", str(tmp_path / "demo")], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for i, name in enumerate(STAGES, 1):
+        assert f"stage {i}/{len(STAGES)} {name}:" in out.stdout
+    for command in ("lxmert-data easy-vqa", "extract-features", "lxmert-train pretrain", "lxmert-train vqa"):
+        assert command in out.stdout, command
+    assert "--eval-only" in out.stdout and "data.zero_visual=true" in out.stdout
+    assert not (tmp_path / "demo").exists()  # nothing ran
+
+    real = _run(
+        ["--dry-run", "--config", str(ROOT / "pipelines/configs/lxmert.yaml"), "--gpus-per-node", "4"],
+        tmp_path,
+    )
+    assert real.returncode == 0, real.stderr[-2000:]
+    assert "torchrun --nproc_per_node=4 --no-python" in real.stdout
+    for name in ("extract_train2014", "pretrain", "finetune_vqa", "finetune_gqa", "finetune_nlvr2",
+                 "predict_vqa_test", "predict_gqa_submit", "predict_nlvr2_test"):  # fmt: skip
+        assert f" {name}:" in real.stdout, name
 
 
 @pytest.mark.slow
-def test_full_run_on_demo_images(tmp_path: Path) -> None:
-    if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
-        pytest.skip("tests are not running from the clone's .venv")
-    from extract.store import FeatureStore
+def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
+    _needs_venv()
+    pytest.importorskip("easy_vqa")
+    run = tmp_path / "demo"
+    args = [
+        "--run-dir", str(run),
+        "demo.train_images=24", "demo.test_images=12", "demo.check_margin=-1", "demo.draw_examples=2",
+        "demo.extract_batch_size=4", "demo.min_size=96", "demo.max_size=96",
+        "demo.pretrain_overrides=[train.epochs=1,data.batch_size=16]",
+        "demo.vqa_overrides=[train.epochs=1,data.batch_size=16]",
+    ]  # fmt: skip
+    first = _run(args, tmp_path)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-3000:]
+    assert f"report: {run / 'REPORT.md'}" in first.stdout
 
-    images = sorted(p.stem for p in (ROOT / "demo" / "images").iterdir())
-    assert len(images) >= 4
-    env = dict(os.environ, CONFIG="vg_tiny", DEVICE="cpu", BATCH_SIZE="3", WORKERS="1")
-    env.pop("WEIGHTS", None)
-    cmd = ["bash", str(ROOT / "pipelines" / "full_run.sh"), str(ROOT / "demo" / "images"), str(tmp_path)]
-    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "RANDOM detector weights" in first.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("accuracy", "majority_baseline", "question_only_baseline", "per_type", "stages", "detector"):
+        assert key in summary, key
+    assert 0.0 <= summary["accuracy"] <= 100.0
+    assert set(summary["per_type"]) == {"color", "shape", "yes/no"}
+    assert summary["detector"]["random_weights"] is True
+    assert summary["stages"]["extract"]["images_per_s"] > 0
+    report = (run / "REPORT.md").read_text()
+    assert "RANDOM weights" in report and "| color |" in report
+    for png in ("pretrain/curves.png", "vqa/curves.png"):
+        assert (run / png).stat().st_size > 1000, png
+    preds = json.loads((run / "eval" / "predictions.json").read_text())
+    test_qids = {
+        q["question_id"] for q in json.loads((run / "data" / "test_questions.json").read_text())["questions"]
+    }
+    assert {p["question_id"] for p in preds} == test_qids
+    assert all(isinstance(p["answer"], str) for p in preds)
+    assert len(list((run / "examples").glob("*.png"))) == 2
+    assert all((run / "logs" / f"{s}.log").exists() for s in STAGES)
 
-    store = FeatureStore(tmp_path / "features.lmdb")
-    assert sorted(store) == images
-    meta = store.metadata
-    assert meta["extractor"]["random_weights"] is True
-    for img_id in images:
-        rec = store[img_id]
-        assert rec["features"].shape[0] == rec["boxes"].shape[0] == rec["num_boxes"] > 0
-    store.close()
-
-    # a second run finds everything done and redoes nothing
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    second = _run(args, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert FeatureStore(tmp_path / "features.lmdb").metadata["count"] == len(images)
+    assert second.stdout.count("done before, skipped") == len(STAGES)
