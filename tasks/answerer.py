@@ -48,6 +48,7 @@ from extract.vg_vocab import load_vg_vocab
 from model import LxmertForQuestionAnswering, LxmertTokenizer
 from tasks.answer_table import load_answer_table
 from tasks.features import FeatureStats
+from tasks.qa import EXTRACTOR_FILE, LABEL2ANS_FILE, TaskDataError, model_folder_record
 
 __all__ = [
     "Answer",
@@ -62,10 +63,6 @@ __all__ = [
     "draw_result",
 ]
 
-# The files fine-tuning saves beside a model (tasks/qa.py: LABEL2ANS_FILE, EXTRACTOR_FILE, FEATURES_FILE).
-LABELS_FILE = "label2ans.json"
-EXTRACTOR_FILE = "extractor.json"
-FEATURES_FILE = "features.json"
 #: Settings known only once the weights are loaded.
 _WEIGHTS_KEYS = ("weights_sha256",)
 
@@ -447,12 +444,12 @@ def _check_table(answers: list[str], model: LxmertForQuestionAnswering) -> None:
 
 
 def _answer_table(model_path: Any, folder: Path | None, answers: Any) -> list[str]:
-    path = Path(answers) if answers is not None else (folder / LABELS_FILE if folder is not None else None)
+    path = Path(answers) if answers is not None else (folder / LABEL2ANS_FILE if folder is not None else None)
     if path is None or not path.is_file():
         if answers is not None:
             raise AnswerSetupError(f"answer table {answers} not found; give the model's label2ans.json")
         raise AnswerSetupError(
-            f"{model_path} carries no answer table ({LABELS_FILE}); pass --answers label2ans.json (e.g. LXMERT's "
+            f"{model_path} carries no answer table ({LABEL2ANS_FILE}); pass --answers label2ans.json (e.g. LXMERT's "
             "vqa trainval_label2ans.json for unc-nlp/lxmert-vqa-uncased)"
         )
     try:
@@ -476,14 +473,14 @@ def _extractor_record(folder: Path | None) -> Any:
 def _feature_stats(folder: Path | None) -> FeatureStats | None:
     """The standardisation (per-dimension mean / std) the model was fine-tuned with: ``features.json``'s
     ``standardize`` (``data.standardize_features``), or None."""
-    path = folder / FEATURES_FILE if folder is not None else None
-    if path is None or not path.is_file():
-        return None
     try:
-        saved = json.loads(path.read_text(encoding="utf-8")).get("standardize")
+        record = model_folder_record(str(folder) if folder is not None else None)
+        saved = (record or {}).get("standardize")
         return FeatureStats.from_dict(saved) if saved else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise AnswerSetupError(f"{path}: cannot read the model's feature record ({e}); restore it") from None
+    except (TaskDataError, KeyError, TypeError, ValueError) as e:
+        raise AnswerSetupError(
+            f"{folder}: the model's feature record is unusable ({e}); restore it"
+        ) from None
 
 
 def _refuse_if(strict: bool, model_path: Any, check: ExtractorCheck) -> None:

@@ -23,6 +23,9 @@ from extract.vg_vocab import load_vg_vocab
 from model import LxmertConfig, LxmertForQuestionAnswering, LxmertModel, LxmertTokenizer
 from tasks.answer_cli import main, read_questions
 from tasks.answerer import Answerer, AnswerInputError, AnswerSetupError, compare_extractor
+from tasks.checkpointing import save_model_dir
+from tasks.features import RegionFeatures
+from tasks.qa import feature_extras
 
 SMALL = {"min_size": 64, "max_size": 112}  # tiny resized images keep the detector fast
 ANSWERS = ["yes", "no", "2", "red", "frisbee", "dog", "table"]
@@ -82,10 +85,12 @@ def built(tmp_path_factory) -> dict:
         initializer_range=0.3,  # large weights: the answers depend clearly on the regions
     )
     model = LxmertForQuestionAnswering(model_config).eval()
-    folder = root / "best"
-    model.save_pretrained(folder)
-    (folder / "label2ans.json").write_text(json.dumps(ANSWERS))
-    (folder / "extractor.json").write_text(json.dumps([extractor]))  # one entry per training store
+    folder = (
+        root / "best"
+    )  # as fine-tuning saves RUN_DIR/best: weights, config, answer table, feature records
+    extras = {"label2ans.json": ANSWERS, **feature_extras(RegionFeatures([store]))}
+    save_model_dir(folder, model, extras)
+    assert json.loads((folder / "extractor.json").read_text()) == [extractor]
     return {
         "root": root,
         "weights": weights,
