@@ -22,7 +22,13 @@ from extract.store import FeatureStore
 from extract.vg_vocab import load_vg_vocab
 from model import LxmertConfig, LxmertForQuestionAnswering, LxmertModel, LxmertTokenizer
 from tasks.answer_cli import main, read_questions
-from tasks.answerer import Answerer, AnswerInputError, AnswerSetupError, compare_extractor
+from tasks.answerer import (
+    Answerer,
+    AnswerInputError,
+    AnswerSetupError,
+    compare_extractor,
+    draw_result,
+)
 from tasks.checkpointing import save_model_dir
 from tasks.features import RegionFeatures
 from tasks.qa import feature_extras
@@ -230,6 +236,22 @@ def test_cli_json_and_picture_of_the_image_size(built: dict, tmp_path: Path, cap
     original = np.asarray(Image.open(built["image"]).convert("RGB"))
     assert not np.array_equal(pixels, original)  # shaded and labelled
     assert "loaded in" in err and "per question" in err
+
+
+def test_picture_of_an_exif_rotated_photo_is_upright(built: dict, answerer: Answerer, tmp_path: Path) -> None:
+    """Boxes refer to the image as a viewer shows it (EXIF applied), and so does the picture."""
+    rng = np.random.default_rng(5)
+    photo = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape 90x60, shown portrait 60x90
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(photo, exif=exif)
+    result = answerer.answer(photo, QUESTION)
+    record, _ = answerer.regions(photo)
+    assert (record["img_h"], record["img_w"]) == (90, 60)
+    assert max(r.box[2] for r in result.regions) <= 60 and max(r.box[3] for r in result.regions) <= 90
+    out = draw_result(result, tmp_path / "rotated_seen.jpg")
+    with Image.open(out) as img:
+        assert img.size == (60, 90)
 
 
 def test_cli_text_output(built: dict, capsys) -> None:
