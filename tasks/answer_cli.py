@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--questions", metavar="FILE", help='JSON lines {"image": PATH, "question": TEXT}, one per line'
     )
-    p.add_argument("--out", metavar="FILE", help="--questions: write the JSON lines here (default: stdout)")
+    p.add_argument("--out", metavar="FILE", help="--questions: write the JSON lines here instead of stdout")
     g = p.add_argument_group("model")
     g.add_argument(
         "--model", required=True, help="fine-tuned model folder (RUN_DIR/best), checkpoint file or Hub id"
@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--strict", action="store_true", help="refuse a model trained on features from another extractor"
     )
-    g.add_argument("--device", default=None, help="cuda | cuda:N | cpu (default: cuda when available)")
+    g.add_argument("--device", default=None, help="cuda | cuda:N | cpu (None: cuda when available)")
     g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast for detector and model")
     g.add_argument("--verbose", action="store_true", help="library logs and per-question times")
     return p
