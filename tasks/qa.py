@@ -317,11 +317,7 @@ def feature_extras(features: RegionFeatures) -> dict[str, Any]:
     - ``features.json``: :meth:`tasks.features.RegionFeatures.describe` (store paths, feature size, the
       standardisation mean / std when used), read back by ``--eval-only``.
     """
-    settings: list[Any] = []
-    for store in features.extractors:
-        if store["extractor"] not in settings:
-            settings.append(store["extractor"])
-    return {EXTRACTOR_FILE: settings, FEATURES_FILE: features.describe()}
+    return {EXTRACTOR_FILE: features.extractor_settings(), FEATURES_FILE: features.describe()}
 
 
 def open_features(
@@ -329,8 +325,9 @@ def open_features(
 ) -> RegionFeatures:
     """The feature stores of ``data.features`` (else the stores named in the model folder's ``features.json``).
 
-    With ``data.standardize_features``: the statistics of the model folder (a fine-tuned model evaluates with
-    the statistics it was trained with), else computed over the training images.
+    Standardisation: when the model folder (``--load``) records statistics, they are used whatever
+    ``data.standardize_features`` says (a fine-tuned model evaluates, and a pretrained one is fine-tuned, on the
+    features it was trained on); otherwise ``data.standardize_features`` computes them over the training images.
     """
     record = model_folder_record(model_folder)
     paths = list(config.data.features)
@@ -341,16 +338,21 @@ def open_features(
         raise TaskDataError(
             f"{config.task}: no feature store; set data.features=[STORE.lmdb, ...] (the stores holding the images)"
         )
-    features = RegionFeatures(paths)
-    if config.data.standardize_features:
-        saved = (record or {}).get("standardize")
-        if saved:
-            features.stats = FeatureStats.from_dict(saved)
-        else:
-            ids = sorted(set(train_img_ids()))
-            missing = set(features.locate(ids))
-            features.stats = features.compute_stats([i for i in ids if i not in missing])
-            logger.info("feature standardisation: mean / std over %d regions", features.stats.num_regions)
+    features = RegionFeatures(paths, zero_visual=config.data.zero_visual)
+    saved = (record or {}).get("standardize")
+    if saved:
+        features.stats = FeatureStats.from_dict(saved)
+        if not config.data.standardize_features:
+            logger.warning(
+                "%s was trained on standardised features: they are standardised with its statistics "
+                "(features.json) although data.standardize_features is false",
+                model_folder,
+            )
+    elif config.data.standardize_features:
+        ids = sorted(set(train_img_ids()))
+        missing = set(features.locate(ids))
+        features.stats = features.compute_stats([i for i in ids if i not in missing])
+        logger.info("feature standardisation: mean / std over %d regions", features.stats.num_regions)
     return features
 
 
@@ -414,6 +416,8 @@ def build_qa_model(config: TrainConfig, answers: list[str], load: str | None) ->
       (:func:`model.answers.qa_model_from_pretraining`: rows of answers found in the pretraining table are
       copied, the others start at zero, as the original). The pretraining table is ``finetune.pretrain_answers``
       (LXMERT's ``all_ans.json``) or the ``label2ans.json`` beside the checkpoint.
+    - ``load`` with a head of the task's size but no table naming its answers (``unc-nlp/lxmert-vqa-uncased``):
+      loaded as is, with a warning that the answer order is assumed.
     - ``load`` without a QA head: backbone loaded, head initialised (logged).
     - no ``load``: the whole network from scratch with ``config.model``'s sizes.
     """
@@ -422,31 +426,39 @@ def build_qa_model(config: TrainConfig, answers: list[str], load: str | None) ->
         logger.info("QA model from scratch (%d answers): no --load given", num)
         return LxmertForQuestionAnswering(scratch_config(config, num_qa_labels=num))
     beside = answers_beside(load)
-    rows = head_rows(load)
-    if beside == answers or (rows == num and beside is None and not config.finetune.pretrain_answers):
+    if beside == answers:
         model = LxmertForQuestionAnswering.from_pretrained(load, num_qa_labels=num)
-        logger.info("%s: loaded with its %d-answer head", load, num)
+        logger.info("%s: loaded with its own %d-answer head (same answer table)", load, num)
         return model
+    rows = head_rows(load)
     if rows is None:
         model = LxmertForQuestionAnswering.from_pretrained(load, num_qa_labels=num)
         logger.warning(
             "%s has no QA head: the %d-answer head starts from its random initialisation", load, num
         )
         return model
+    tables = []
     if config.finetune.pretrain_answers:
-        source = load_answer_table(config.finetune.pretrain_answers)
-    elif beside is not None:
-        source = beside
-    else:
-        raise TaskDataError(
-            f"{load}: its QA head has {rows} answers and no {LABEL2ANS_FILE} names them; set "
-            "finetune.pretrain_answers to the table of that head (LXMERT's all_ans.json for the 9500-answer "
-            "pretraining head) so the answer rows can be copied"
+        tables.append((config.finetune.pretrain_answers, load_answer_table(config.finetune.pretrain_answers)))
+    if beside is not None:
+        tables.append((str(Path(load) / LABEL2ANS_FILE), beside))
+    source = next((table for _, table in tables if len(table) == rows), None)
+    if source is None and rows == num:
+        # e.g. unc-nlp/lxmert-vqa-uncased: a fine-tuned head of the task's size that carries no answer table
+        model = LxmertForQuestionAnswering.from_pretrained(load, num_qa_labels=num)
+        logger.warning(
+            "%s: its %d-answer head is taken as is, assuming it was trained on this answer table in this order "
+            "(the checkpoint names no answers)",
+            load,
+            num,
         )
-    if len(source) != rows:
+        return model
+    if source is None:
+        given = ", ".join(f"{path} ({len(table)} answers)" for path, table in tables) or "none"
         raise TaskDataError(
-            f"{load}: its QA head has {rows} answers but the table given for it has {len(source)} "
-            f"({config.finetune.pretrain_answers or Path(load) / LABEL2ANS_FILE}); give the table of that checkpoint"
+            f"{load}: its QA head has {rows} answers, and no answer table of that size names them (given: {given}); "
+            "set finetune.pretrain_answers to the table of that head (LXMERT's all_ans.json for the 9500-answer "
+            "pretraining head) so the answer rows can be copied"
         )
     model, report = qa_model_from_pretraining(load, [normalize_answer(a) for a in answers], source)
     logger.info("%s (%d of %d answers start at zero)", report.summary(), report.total - report.matched, num)

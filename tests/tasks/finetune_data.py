@@ -84,23 +84,20 @@ def qa_items(
 
 
 def nlvr2_items(colours: dict[str, int], split: str = "train", seed: int = 2) -> list[dict]:
-    """One sentence "Both pictures are <colour>." per image; true for about half of the pairs."""
+    """One pair per image, the second image drawn at random; "Both pictures are warm." is true iff both images
+    are red or blue (about half of the pairs)."""
     rng = np.random.default_rng(seed)
     ids = list(colours)
     items = []
     for k, a in enumerate(ids):
-        if rng.random() < 0.5:  # a true pair: b of a's colour, the sentence says it
-            same = [i for i in ids if colours[i] == colours[a] and i != a] or [a]
-            b, said = same[int(rng.integers(len(same)))], colours[a]
-        else:
-            b, said = ids[int(rng.integers(len(ids)))], int(rng.integers(len(COLOURS)))
+        b = ids[int(rng.integers(len(ids)))]
         items.append(
             {
                 "identifier": f"{split}-{k}-0-0",
                 "img0": a,
                 "img1": b,
-                "label": int(colours[a] == said and colours[b] == said),
-                "sent": f"Both pictures are {COLOURS[said]}.",
+                "label": int(colours[a] < 2 and colours[b] < 2),
+                "sent": "Both pictures are warm.",
                 "uid": f"nlvr2_{split}_{k}",
             }
         )
@@ -133,7 +130,7 @@ def nlvr2_setup(tmp_path: Path, n_images: int = 60, **data) -> TrainConfig:
     store = write_store(tmp_path / "feats.lmdb", colours)
     cfg = TrainConfig(task="nlvr2")
     cfg.data.train = [write_json(tmp_path / "train.json", nlvr2_items(colours, "train"))]
-    cfg.data.valid = write_json(tmp_path / "valid.json", nlvr2_items(colours, "dev", seed=5)[:20])
+    cfg.data.valid = write_json(tmp_path / "valid.json", nlvr2_items(colours, "dev", seed=5)[:40])
     cfg.data.features = [str(store)]
     return tiny(cfg, **data)
 

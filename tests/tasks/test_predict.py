@@ -189,3 +189,46 @@ def test_nlvr2_csv_and_official_scores(tmp_path: Path):
     right = sum((line.split(",")[1] == "True") == bool(it["label"]) for line, it in zip(lines, items))
     assert scores["lxmert_accuracy"] == pytest.approx(right / len(items))
     assert scores["official"]["accuracy"] == pytest.approx(right / len(items))
+
+
+def test_standardised_features_follow_the_model(tmp_path: Path):
+    """A model fine-tuned on standardised features is evaluated with its own statistics, config or not."""
+    cfg = qa_setup(tmp_path, n_train=32, n_valid=10, standardize_features=True)
+    best, task, _ = quick_model_folder(tmp_path, cfg, vqa.build)
+    stats = json.loads((best / "features.json").read_text())["standardize"]
+    assert len(stats["mean"]) == 8 and stats["num_regions"] == 32 * 4
+    with_config, alone = tmp_path / "with_config", tmp_path / "alone"
+    assert (
+        cli_main(
+            [
+                "vqa",
+                "--eval-only",
+                "--load",
+                str(best),
+                "--data",
+                cfg.data.valid,
+                "--output",
+                str(with_config),
+            ]
+        )
+        == 0
+    )
+    shutil.copytree(best, tmp_path / "copy")
+    assert (
+        cli_main(
+            [
+                "vqa",
+                "--eval-only",
+                "--load",
+                str(tmp_path / "copy"),
+                "--data",
+                cfg.data.valid,
+                "--output",
+                str(alone),
+            ]
+        )
+        == 0
+    )
+    assert (with_config / "scores.json").read_text().replace(str(best), "") == (
+        alone / "scores.json"
+    ).read_text().replace(str(tmp_path / "copy"), "")

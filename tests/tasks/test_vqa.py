@@ -177,8 +177,18 @@ def test_head_transfer_copies_matching_rows_and_zeroes_the_rest(tmp_path: Path, 
 def test_head_with_unknown_answers_asks_for_the_table(tmp_path: Path):
     pretraining_checkpoint(tmp_path / "pre", ["a", "b", "c"])
     cfg = qa_setup(tmp_path, n_train=20, n_valid=4)
-    with pytest.raises(TaskDataError, match="finetune.pretrain_answers"):
+    with pytest.raises(TaskDataError, match=r"3 answers, and no answer table.*finetune.pretrain_answers"):
         build_qa_model(cfg, COLOURS, str(tmp_path / "pre"))
+
+
+def test_head_of_the_tasks_size_without_a_table_loads_as_is(tmp_path: Path, caplog):
+    """e.g. unc-nlp/lxmert-vqa-uncased: 3129 outputs, no label2ans.json: taken as the task's table."""
+    pre = pretraining_checkpoint(tmp_path / "hub_like", ["w", "x", "y", "z"])
+    cfg = qa_setup(tmp_path, n_train=4, n_valid=2)
+    with caplog.at_level(logging.WARNING):
+        model = build_qa_model(cfg, COLOURS, str(tmp_path / "hub_like"))
+    assert "assuming it was trained on this answer table" in caplog.text
+    assert torch.equal(model.answer_head.logit_fc[3].weight, pre.answer_head.logit_fc[3].weight)
 
 
 @pytest.mark.parametrize("task, copied, zeroed", [("vqa", 3124, 5), ("gqa", 1736, 106)])

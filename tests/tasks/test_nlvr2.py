@@ -1,0 +1,113 @@
+"""NLVR2 fine-tuning: pair batches, the pair head from a pretraining checkpoint, bad input, a tiny run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from finetune_data import TINY_MODEL, image_colours, nlvr2_items, nlvr2_setup, write_json, write_store
+
+from model import LxmertConfig, LxmertForNLVR2, LxmertForPreTraining
+from tasks import nlvr2
+from tasks.nlvr2 import build_nlvr2_model, load_pair_items, pair_loss
+from tasks.qa import TaskDataError
+from tasks.trainer import train
+
+
+def test_pair_batches_and_loss(tmp_path: Path):
+    colours = image_colours(8, seed=3)
+    store = write_store(tmp_path / "uneven.lmdb", colours, uneven=True)  # 4 or 3 regions per image
+    cfg = nlvr2_setup(tmp_path / "data", n_images=20)
+    cfg.data.features = [str(store)]
+    cfg.data.train = [write_json(tmp_path / "pairs.json", nlvr2_items(colours))]
+    task = nlvr2.build(cfg)
+    ds = task.train_dataset()
+    batch = task.collate([ds[i] for i in range(5)])
+    assert batch["visual_feats"].shape == (5, 2, 4, 8) and batch["visual_pos"].shape == (5, 2, 4, 4)
+    mask = batch["visual_attention_mask"]
+    assert mask.shape == (5, 2, 4)
+    for j, i in enumerate(range(5)):  # the mask follows each image's own region count
+        item = ds.items[i]
+        assert mask[j, 0].sum() == ds.features[item.img0].num_boxes
+        assert mask[j, 1].sum() == ds.features[item.img1].num_boxes
+    assert torch.equal(
+        batch["visual_feats"][1, 1, :3], torch.from_numpy(ds.features[ds.items[1].img1].features[:3])
+    )
+    assert batch["labels"].tolist() == [it.label for it in ds.items[:5]]
+    out = task.step(task.build_model(None), batch, 0)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    logits = torch.tensor([[2.0, -1.0], [0.0, 3.0], [1.0, 1.0]])
+    ce = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([0, 1]))
+    assert pair_loss(logits, torch.tensor([0, 1, -100])).item() == pytest.approx(ce.item())
+
+
+def test_pair_head_starts_fresh_from_a_pretraining_checkpoint(tmp_path: Path):
+    torch.manual_seed(0)
+    cfg_model = LxmertConfig(**TINY_MODEL, num_qa_labels=6, num_object_labels=5, num_attr_labels=3)
+    pre = LxmertForPreTraining(cfg_model)
+    with torch.no_grad():  # shapes that would fit the pair head (bias, LayerNorm): must not be copied
+        pre.answer_head.logit_fc[0].bias.fill_(0.7)
+        pre.answer_head.logit_fc[2].weight.fill_(0.3)
+    pre.save_pretrained(tmp_path / "pre")
+    cfg = nlvr2_setup(tmp_path / "data", n_images=10)
+    model = build_nlvr2_model(cfg, str(tmp_path / "pre"))
+    mine, theirs = model.state_dict(), pre.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine if k.startswith("lxmert."))
+    assert not model.answer_head.logit_fc[0].bias.any()  # BERT initialisation: zero bias, unit LayerNorm
+    assert torch.equal(model.answer_head.logit_fc[2].weight, torch.ones(2 * cfg_model.hidden_size))
+    # a fine-tuned NLVR2 model loads whole, its pair head included
+    model.answer_head.logit_fc[3].bias.data.fill_(0.25)
+    model.save_pretrained(tmp_path / "nlvr2")
+    again = build_nlvr2_model(cfg, str(tmp_path / "nlvr2"))
+    assert isinstance(again, LxmertForNLVR2)
+    assert torch.equal(again.answer_head.logit_fc[3].bias, torch.full((2,), 0.25))
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        (
+            [{"identifier": "a", "img0": "x", "img1": "y", "sent": "s", "label": 2}],
+            r"entry 0 \(identifier 'a'\).*0 or 1",
+        ),
+        ([{"identifier": "a", "img0": "x", "sent": "s"}], r"lacks \['img1'\]"),
+        (
+            [
+                {"identifier": "a", "img0": "x", "img1": "y", "sent": "s", "label": 1},
+                {"identifier": "a", "img0": "x", "img1": "y", "sent": "t", "label": 0},
+            ],
+            r"entry 1 \(identifier 'a'\): 'a' is given twice \(first at .*entry 0\)",
+        ),
+    ],
+)
+def test_bad_entries_are_named(tmp_path: Path, entries, message):
+    path = write_json(tmp_path / "bad.json", entries)
+    with pytest.raises(TaskDataError, match=message):
+        load_pair_items([path])
+
+
+def test_training_refuses_unlabelled_examples(tmp_path: Path):
+    cfg = nlvr2_setup(tmp_path, n_images=10)
+    items = json.loads(Path(cfg.data.train[0]).read_text())
+    del items[3]["label"]
+    write_json(Path(cfg.data.train[0]), items)
+    with pytest.raises(TaskDataError, match=r"1 examples have no label.*train-3-0-0"):
+        nlvr2.build(cfg).train_dataset()
+
+
+def test_tiny_finetune_beats_the_majority_answer(tmp_path: Path):
+    cfg = nlvr2_setup(tmp_path, n_images=96)
+    cfg.train.epochs = 6
+    cfg.optim.lr = 3e-3
+    summary = train(cfg, nlvr2.build(cfg), tmp_path / "run")
+    labels = [it["label"] for it in json.loads(Path(cfg.data.valid).read_text())]
+    majority = max(sum(labels), len(labels) - sum(labels)) / len(labels)
+    assert summary["best_score"] >= majority + 0.15
+    assert sorted(p.name for p in (tmp_path / "run" / "best").iterdir() if p.suffix == ".json") == [
+        "config.json",
+        "extractor.json",
+        "features.json",
+        "manifest.json",
+    ]
