@@ -235,11 +235,16 @@ def train(
                 scaler.unscale_(optimizer)
             clip = config.optim.clip_grad_norm if config.optim.clip_grad_norm > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
-            # one small transfer per step: the global mean loss, the count of ranks with a non-finite loss, the norm
-            stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), grad_norm.detach().float()])
+            # one small transfer per step: the global mean loss, the count of ranks with a non-finite loss, the
+            # norm, this rank's loss parts
+            names = sorted(parts_sum)
+            stats = torch.stack(
+                [loss_sum, (~torch.isfinite(loss_sum)).float(), grad_norm.detach().float()]
+                + [parts_sum[k] for k in names]
+            )
             if dist.world_size > 1:
                 torch_dist.all_reduce(stats[:2])
-            loss_value, bad_ranks, norm_value = stats.tolist()
+            loss_value, bad_ranks, norm_value, *part_values = stats.tolist()
             loss_value /= dist.world_size
             lr = schedule.get_last_lr()[0]
             bad = bad_ranks > 0 or (not math.isfinite(norm_value) and not scaler.is_enabled())
@@ -267,8 +272,10 @@ def train(
             schedule.step()
             step += 1
             step_in_epoch += 1
-            if not bad:
-                parts = {k: v.item() for k, v in parts_sum.items()} if is_main else {}
+            if bad:
+                log.skipped_step()
+            else:
+                parts = dict(zip(names, part_values))
                 log.train_step(
                     step, epoch + step_in_epoch / steps_per_epoch, lr, loss_value, parts, norm_value
                 )
@@ -522,6 +529,10 @@ class RunLog:
         self._tb.add_scalar("train/samples_per_s", samples_per_s, step)
         self._bar.set_postfix(loss=f"{means['loss']:.4f}", samples_s=f"{samples_per_s:.1f}", lr=f"{lr:.2e}")
         self._window, self._window_steps, self._t = {}, 0, time.perf_counter()
+
+    def skipped_step(self) -> None:
+        if self.enabled:
+            self._bar.update(1)
 
     def valid(self, step: int, epoch: int, lr: float, metrics: dict[str, float]) -> None:
         if not self.enabled:
