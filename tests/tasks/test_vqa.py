@@ -12,9 +12,14 @@ import torch.nn.functional as F
 from finetune_data import COLOURS, TINY_MODEL, qa_setup, write_json
 from safetensors.torch import load_file
 
+from common.config import load_config
+from extract.store import FeatureStore
+from extract.tsv import import_tsv
 from model import LxmertConfig, LxmertForPreTraining
 from tasks import vqa
 from tasks.answer_table import load_answer_table
+from tasks.cli import main as cli_main
+from tasks.config import TrainConfig
 from tasks.features import MissingImagesError
 from tasks.qa import (
     QAItem,
@@ -27,6 +32,8 @@ from tasks.qa import (
     soft_target,
 )
 from tasks.trainer import train
+
+CONFIGS = Path(__file__).resolve().parents[2] / "tasks" / "configs"
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -137,10 +144,11 @@ def test_dataset_items_and_batches(tmp_path: Path):
 
 
 # ------------------------------------------------------------------------------------------------ head transfer
-def pretraining_checkpoint(path: Path, answers: list[str]) -> LxmertForPreTraining:
-    """A tiny pretraining model with a QA head over ``answers``, saved at ``path`` with its label2ans.json."""
+def pretraining_checkpoint(path: Path, answers: list[str], **sizes) -> LxmertForPreTraining:
+    """A tiny pretraining model with a QA head over ``answers``, saved at ``path`` (no answer table beside it)."""
     torch.manual_seed(0)
-    cfg = LxmertConfig(**TINY_MODEL, num_qa_labels=len(answers), num_object_labels=5, num_attr_labels=3)
+    sizes = {**TINY_MODEL, **sizes}
+    cfg = LxmertConfig(**sizes, num_qa_labels=len(answers), num_object_labels=5, num_attr_labels=3)
     model = LxmertForPreTraining(cfg)
     with torch.no_grad():
         model.answer_head.logit_fc[3].bias.uniform_(0.5, 1.0)  # non-zero everywhere: zeroed rows are visible
@@ -270,3 +278,55 @@ def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path):
     b = load_file(str(tmp_path / "parts" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_real_features_and_tables_from_pretraining_to_predictions(
+    coco_tsv: Path, shared_data: Path, tmp_path: Path
+):
+    """The original LXMERT TSV features (36 x 2048) and LXMERT's answer tables: a pretraining folder (as our
+    pretraining runs leave it, label2ans.json beside) -> fine-tuning with the tiny config -> --eval-only."""
+    tables = shared_data / "lxmert_answers"
+    if not (tables / "vqa_trainval_label2ans.json").is_file():
+        pytest.skip(f"{tables} lacks the answer tables")
+    import_tsv(coco_tsv, tmp_path / "coco.lmdb")
+    with FeatureStore(tmp_path / "coco.lmdb") as store:
+        ids = store.ids()
+    items = [
+        {
+            "img_id": img_id,
+            "sent": "What color is the sky?",
+            "question_id": 1000 + k,
+            "label": {"blue": 1.0, "gray": 0.3},
+        }
+        for k, img_id in enumerate(ids)
+    ]
+    data = write_json(tmp_path / "vqa.json", items)
+    source = load_answer_table(tables / "all_ans.json")
+    pretraining_checkpoint(tmp_path / "pre", source, visual_feat_dim=2048)
+    write_json(tmp_path / "pre" / "label2ans.json", source)
+    config = load_config(
+        TrainConfig,
+        CONFIGS / "vqa_tiny.yaml",
+        [
+            f"data.train=[{data}]",
+            f"data.valid={data}",
+            f"data.features=[{tmp_path / 'coco.lmdb'}]",
+            f"data.answers={tables / 'vqa_trainval_label2ans.json'}",
+            "data.batch_size=5",
+            "train.epochs=1",
+            "train.amp=none",
+            "train.device=cpu",
+        ],
+    )
+    task = vqa.build(config)
+    summary = train(config, task, tmp_path / "run", load=str(tmp_path / "pre"))
+    assert summary["step"] == 2 and 0 <= summary["best_score"] <= 1
+    best = tmp_path / "run" / "best"
+    assert len(json.loads((best / "label2ans.json").read_text())) == 3129
+    assert json.loads((best / "extractor.json").read_text())[0]["source"] == "tsv"
+    out = tmp_path / "pred"
+    assert cli_main(["vqa", "--eval-only", "--load", str(best), "--data", data, "--output", str(out)]) == 0
+    preds = json.loads((out / "predictions.json").read_text())
+    assert [p["question_id"] for p in preds] == [it["question_id"] for it in items]
+    answers = set(load_answer_table(tables / "vqa_trainval_label2ans.json"))
+    assert all(p["answer"] in answers for p in preds)
