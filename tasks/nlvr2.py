@@ -39,9 +39,9 @@ from tasks.qa import (
     open_features,
     read_json_list,
     scratch_config,
-    to_device,
 )
 from tasks.task import StepOutput
+from tasks.trainer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class NLVR2Task:
         out: list[PairPrediction] = []
         loss_sum, labelled = 0.0, 0
         for batch in loader:
-            batch = to_device(batch, device)
+            batch = to_device(batch, device, non_blocking=device.type == "cuda")
             logits = model(**model_inputs(batch)).logits.float()
             labels = batch["labels"]
             n = int((labels != -100).sum())

@@ -46,6 +46,7 @@ from tasks.answer_table import load_answer_table, normalize_answer
 from tasks.config import TrainConfig
 from tasks.features import FeatureStats, RegionFeatures, collate_regions
 from tasks.task import StepOutput
+from tasks.trainer import to_device
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -215,8 +216,9 @@ def encode_text(tokenizer: LxmertTokenizer, sent: str, max_seq_length: int) -> d
 
 class QADataset(torch.utils.data.Dataset):
     """Questions over the feature stores. Item ``i``: ``input_ids`` / ``attention_mask`` / ``token_type_ids``
-    ``(L,)``, ``feats`` ``(n, D)`` float32, ``boxes`` ``(n, 4)`` in [0, 1] (x1, y1, x2, y2 over the image width /
-    height), ``target`` ``(A,)`` soft scores, ``index`` (position in :attr:`items`).
+    ``(L,)``, ``regions`` (:class:`tasks.features.Regions`: features ``(n, D)`` float32, boxes ``(n, 4)``
+    x1, y1, x2, y2 divided by the image width / height), ``target`` ``(A,)`` soft scores, ``index`` (position in
+    :attr:`items`).
 
     Deterministic (no random draws): :meth:`set_epoch` is a no-op kept for the trainer's contract.
     """
@@ -280,11 +282,6 @@ MODEL_INPUTS = (
     "visual_pos",
     "visual_attention_mask",
 )
-
-
-def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Tensors of ``batch`` moved to ``device`` (non-blocking); other values as they are."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -576,7 +573,7 @@ class QATask:
         out: list[Prediction] = []
         loss_sum, labelled = 0.0, 0
         for batch in loader:
-            batch = to_device(batch, device)
+            batch = to_device(batch, device, non_blocking=device.type == "cuda")
             logits = model(**model_inputs(batch)).question_answering_score.float()
             target = batch["target"]
             best = logits.argmax(1)
