@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from extract.store import open_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -175,6 +176,13 @@ def _train_cmd(task: str, config: str, out: Path, overrides: list[str], load: st
     return cmd + overrides
 
 
+def _feature_dim(store: Path) -> str:
+    """The region-feature size of a store (``<store's>`` before it exists: in a dry run)."""
+    if not store.exists():
+        return "<feature size of the store>"
+    return str(open_metadata(store).get("feature_dim") or 2048)
+
+
 def _yaml_list(paths: list[str | Path]) -> str:
     return "[" + ",".join(str(p) for p in paths) + "]"
 
@@ -263,6 +271,8 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
                     f"data.train={_yaml_list([data / 'pretrain.json'])}",
                     f"data.features={_yaml_list([store])}",
                     f"data.answers={data / 'all_ans.json'}",
+                    # from scratch: the network takes the store's feature size (128 for vg_tiny, 2048 for VG R101)
+                    f"model.visual_feat_dim={_feature_dim(store)}",
                     *d.pretrain_overrides,
                     *dev_args,
                 ],
