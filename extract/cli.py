@@ -21,7 +21,7 @@ import sys
 from common.config import field_choices, field_default
 from extract.config import ExtractConfig, default_batch_size
 from extract.runner import ExtractionInterrupted, SetupError, collect_images, run_extraction
-from extract.selection import RULES, BoxSelection
+from extract.selection import BoxSelection
 
 __all__ = ["build_parser", "config_from_args", "default_batch_size", "main"]
 
@@ -76,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="image id: file name without extension, or the path relative to IMAGES_DIR without extension",
     )
     g = p.add_argument_group("detector")
-    g.add_argument("--weights", metavar="FILE", help="detector weights (.pkl, .safetensors, .pth)")
+    g.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="detector weights: a file (.pkl, .pth, .bin, .safetensors), a folder holding one, or a Hugging Face "
+        "Hub id (unc-nlp/frcnn-vg-finetuned: the local cache first; HF_HUB_OFFLINE=1: the cache only)",
+    )
     g.add_argument(
         "--random-weights",
         action="store_true",
@@ -85,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", default=_default("config"), help="vg_r101_c4 | vg_tiny | path/to/config.yaml")
     g.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="Detectron2 config overrides")
     g.add_argument(
-        "--selection", choices=RULES, default=field_default(BoxSelection, "rule"), help="box selection rule"
+        "--selection",
+        choices=field_choices(BoxSelection, "rule"),
+        default=field_default(BoxSelection, "rule"),
+        help="box selection rule",
     )
     g.add_argument("--boxes", default=_boxes_default(), help="regions per image: N, or MIN-MAX (e.g. 10-100)")
     g.add_argument(

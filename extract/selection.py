@@ -25,12 +25,16 @@ Boxes are x1, y1, x2, y2 in pixels; IoU follows torchvision's convention (no +1 
 from __future__ import annotations
 
 import re
+import typing
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 from torchvision.ops import box_iou
 
-RULES = ("caffe", "maxnms")
+#: ``--selection`` choices: the box selection rules (see the module docstring).
+SelectionRule = Literal["caffe", "maxnms"]
+RULES: tuple[str, ...] = typing.get_args(SelectionRule)
 
 
 @dataclass(frozen=True)
@@ -40,7 +44,7 @@ class BoxSelection:
     ``min_boxes == max_boxes == 36`` reproduces LXMERT's fixed 36 regions.
     """
 
-    rule: str = "caffe"
+    rule: SelectionRule = "caffe"
     min_boxes: int = 36
     max_boxes: int = 36
     conf_thresh: float = 0.2
@@ -72,7 +76,7 @@ class BoxSelection:
         return cls(**data)
 
     @classmethod
-    def from_spec(cls, boxes: str | int, rule: str = "caffe", **kwargs: float) -> BoxSelection:
+    def from_spec(cls, boxes: str | int, rule: SelectionRule = "caffe", **kwargs: float) -> BoxSelection:
         """Parse a ``--boxes`` value: ``"36"`` (min = max = 36) or ``"10-100"`` (min 10, max 100)."""
         text = str(boxes).strip()
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", text)

@@ -186,7 +186,7 @@ def load_detector_weights(
     except UnsafePickleError:
         raise
     except StateDictError as e:
-        raise WeightsError(f"refused: {e} (no layout can be detected in an unreadable file)") from e
+        raise WeightsError(f"{e} (no layout can be detected in an unreadable file)") from e
     if layout == layouts.UNKNOWN:
         raise _refuse_unknown(path, state)
     own = model.state_dict()
@@ -227,7 +227,7 @@ def load_detector_weights(
             else "The file is incomplete (an interrupted download?) or of another model: download it again"
         )
         raise WeightsError(
-            f"refusing weights that do not cover the whole detector: {described}: MISSING "
+            f"weights that do not cover the whole detector: {described}: MISSING "
             f"{len(report.missing)} [{groups}]: {shown}, found nothing. {hint} ({_GET_WEIGHTS}), or pass --random-weights to run "
             "without weights."
         )

@@ -83,7 +83,10 @@ def test_weights_and_output_refusals(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "corrupt.pkl"
     bad.write_bytes(b"\x80\x04 definitely not a pickle")
     assert main([imgs, str(out), "--weights", str(bad), *tiny]) == 2
-    assert "corrupt.pkl" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        f"extract-features: refused: {bad} is not a readable pickle" in err and err.count("refused") == 1
+    ), err
     assert not out.exists()  # refused before the store was created
 
     afile = tmp_path / "file.lmdb"
@@ -134,7 +137,11 @@ def test_flags_come_from_the_config_dataclass() -> None:
     assert tuple(actions["amp"].choices) == tuple(AMP_DTYPES)
     assert tuple(actions["features_dtype"].choices) == FEATURES_DTYPES
     assert tuple(actions["id_from"].choices) == ID_MODES
-    assert tuple(actions["selection"].choices) == RULES
+    assert tuple(actions["selection"].choices) == RULES == ("caffe", "maxnms")
+    weights_help = actions["weights"].help
+    assert all(s in weights_help for s in (".pkl", ".pth", ".bin", "unc-nlp/frcnn-vg-finetuned")), (
+        weights_help
+    )
     assert actions["workers"].default == default_workers()
     args = build_parser().parse_args(["imgs", "out.lmdb", "--random-weights", "--device", "cpu"])
     config, images_dir = config_from_args(args)
