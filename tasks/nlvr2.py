@@ -32,6 +32,7 @@ from tasks.features import RegionFeatures, collate_regions
 from tasks.metrics.nlvr2 import evaluate_nlvr2, parse_examples
 from tasks.qa import (
     TaskDataError,
+    check_annotations,
     encode_text,
     feature_extras,
     keep_found_images,
@@ -263,6 +264,7 @@ class NLVR2Task:
         return ds
 
     def valid_dataset(self) -> PairDataset | None:
+        check_annotations(self.config)
         return self.dataset([self.config.data.valid], "valid") if self.config.data.valid else None
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -379,6 +379,16 @@ def keep_found_images(
     return [it for it in items if not any(i in missing for i in img_ids(it))]
 
 
+def check_annotations(config: TrainConfig) -> None:
+    """Fail at the start, not after the first epoch, when ``finetune.annotations`` names no file."""
+    path = config.finetune.annotations
+    if path and not Path(path).is_file():
+        raise TaskDataError(
+            f"finetune.annotations: {path} is not a file; give the raw official file of the valid split (VQA "
+            "annotations, GQA questions, NLVR2 JSON lines) or leave it empty"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Building the model
 # ----------------------------------------------------------------------------------------------------------
@@ -554,6 +564,7 @@ class QATask:
         return self.dataset(self.config.data.train, "train")
 
     def valid_dataset(self) -> QADataset | None:
+        check_annotations(self.config)
         return self.dataset([self.config.data.valid], "valid") if self.config.data.valid else None
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -80,3 +80,12 @@ def test_official_file_must_hold_the_valid_questions(tmp_path: Path):
     loader = DataLoader(task.valid_dataset(), batch_size=8, collate_fn=task.collate)
     with pytest.raises(TaskDataError, match=r"q\.json: 2 of the 6 predicted questions are not in it"):
         task.evaluate(task.build_model(None).eval(), loader, torch.device("cpu"))
+
+
+def test_missing_official_file_fails_before_training(tmp_path: Path):
+    cfg = qa_setup(tmp_path, task="gqa", n_train=16, n_valid=6)
+    cfg.finetune.annotations = str(tmp_path / "testdev_balanced_questions.json")
+    with pytest.raises(
+        TaskDataError, match=r"finetune.annotations: .*testdev_balanced_questions.json is not a file"
+    ):
+        gqa.build(cfg).valid_dataset()
