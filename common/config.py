@@ -31,6 +31,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from common.files import write_text_atomic
+
 __all__ = [
     "ConfigError",
     "apply_overrides",
@@ -263,12 +265,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically: temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def field_choices(cls: type, name: str) -> tuple[Any, ...]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.files import write_text_atomic
 
 __all__ = ["ExtractSummary", "Failure", "failures_path", "write_failures"]
 
@@ -31,20 +32,8 @@ def failures_path(out: str | os.PathLike) -> Path:
 
 def write_failures(path: str | os.PathLike, failures: Sequence[Failure]) -> None:
     """Write ``failures`` as JSON lines (path, id, reason), sorted by id, atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for fail in sorted(failures, key=lambda x: (x.img_id, x.path)):
-                f.write(fail.to_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    lines = [fail.to_json() + "\n" for fail in sorted(failures, key=lambda x: (x.img_id, x.path))]
+    write_text_atomic(path, "".join(lines), fsync=True)
 
 
 @dataclass

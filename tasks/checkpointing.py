@@ -16,7 +16,6 @@ tensors, numbers, strings, lists and dicts, so it is read back with ``torch.load
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
+
+from common.state_dict import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +67,6 @@ def step_dir_name(step: int) -> str:
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -99,7 +92,7 @@ def _write_manifest(directory: Path, step: int | None) -> None:
         if path.is_file() and path.name != MANIFEST_NAME:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     manifest = {"step": step, "files": files}
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
@@ -202,7 +195,7 @@ def verify_checkpoint(directory: Path) -> str | None:
         size = path.stat().st_size
         if size != entry["size"]:
             return f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             return f"{path}: sha256 differs from the manifest (corrupted)"
     if STATE_NAME not in files:
         return f"{directory}: no {STATE_NAME} (a model-only directory, not a training checkpoint)"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from common.files import write_text_atomic
 
 __all__ = ["DataFormatError", "read_json", "read_text", "write_items", "write_json", "write_text"]
 
@@ -38,17 +39,7 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` atomically (parent folders created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
