@@ -123,15 +123,7 @@ class PretrainTask:
             raise ValueError(f"{data.answers}: no answer left for data.qa_sets={data.qa_sets}")
         self.tokenizer = LxmertTokenizer(max_length=data.max_seq_length)
         self.features = RegionFeatures(data.features, zero_visual=data.zero_visual)
-        self.options = MaskingOptions(
-            max_seq_length=data.max_seq_length,
-            mlm=pre.mlm,
-            word_mask_rate=pre.word_mask_rate,
-            visual=bool(pre.visual_losses),
-            obj_mask_rate=pre.obj_mask_rate,
-            matched=pre.matched,
-            qa=pre.qa,
-        )
+        self.options = MaskingOptions.from_config(config)
         self.train_corpus = self._corpus(data.train, "data.train")
         self.valid_corpus = self._corpus([data.valid], "data.valid") if data.valid else None
         if data.standardize_features:

@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 
 from model import LxmertTokenizer
 from tasks.answer_table import normalize_answer
+from tasks.config import TrainConfig
 from tasks.features import RegionFeatures, collate_regions
 
 log = logging.getLogger(__name__)
@@ -282,15 +283,29 @@ def build_corpus(paths: Sequence[str | Path], answers: Sequence[str], limit: int
 # ------------------------------------------------------------------------------------------------ draws
 @dataclass
 class MaskingOptions:
-    """What an item draws (from :class:`tasks.config.PretrainConfig` and ``data.max_seq_length``)."""
+    """What an item draws. Built by :meth:`from_config` from :class:`tasks.config.PretrainConfig` and
+    ``data.max_seq_length``, where the defaults live (none are restated here)."""
 
-    max_seq_length: int = 20
-    mlm: bool = True
-    word_mask_rate: float = 0.15
-    visual: bool = True  # mask regions (obj / attr / feat losses)
-    obj_mask_rate: float = 0.15
-    matched: bool = True  # draw negatives
-    qa: bool = True
+    max_seq_length: int
+    mlm: bool
+    word_mask_rate: float
+    visual: bool  # mask regions (obj / attr / feat losses)
+    obj_mask_rate: float
+    matched: bool  # draw negatives
+    qa: bool
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> MaskingOptions:
+        pre = config.pretrain
+        return cls(
+            max_seq_length=config.data.max_seq_length,
+            mlm=pre.mlm,
+            word_mask_rate=pre.word_mask_rate,
+            visual=bool(pre.visual_losses),
+            obj_mask_rate=pre.obj_mask_rate,
+            matched=pre.matched,
+            qa=pre.qa,
+        )
 
 
 def item_generator(seed: int, epoch: int, index: int) -> np.random.Generator:

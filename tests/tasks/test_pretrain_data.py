@@ -20,6 +20,7 @@ from tasks.features import MissingImagesError
 from tasks.pretrain import build
 from tasks.pretrain_data import (
     IGNORE,
+    MaskingOptions,
     PretrainDataError,
     build_corpus,
     mask_tokens,
@@ -174,6 +175,36 @@ def test_token_masking_statistics():
     assert swapped.mean() == pytest.approx(0.1, abs=0.006)
     # random tokens uniform over the whole vocabulary (special and unused entries included)
     assert out[chosen][swapped].min() < 1000 and out[chosen][swapped].max() > 30000
+
+
+def test_masking_options_come_from_the_config():
+    """The draws' settings are the config's (defaults live in tasks.config only)."""
+    assert MaskingOptions.from_config(TrainConfig()) == MaskingOptions(
+        max_seq_length=20,
+        mlm=True,
+        word_mask_rate=0.15,
+        visual=True,
+        obj_mask_rate=0.15,
+        matched=True,
+        qa=True,
+    )
+    config = load_config(
+        TrainConfig,
+        None,
+        [
+            "data.max_seq_length=12",
+            "pretrain.word_mask_rate=0.3",
+            "pretrain.visual_losses=[]",
+            "pretrain.qa=false",
+        ],
+    )
+    options = MaskingOptions.from_config(config)
+    assert (options.max_seq_length, options.word_mask_rate, options.visual, options.qa) == (
+        12,
+        0.3,
+        False,
+        False,
+    )
 
 
 def test_dataset_draw_statistics(pretrain_files):
