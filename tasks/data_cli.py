@@ -22,6 +22,7 @@ from tasks.convert.gqa import convert_gqa
 from tasks.convert.io import DataFormatError, read_json, read_text, write_items, write_json, write_text
 from tasks.convert.nlvr2 import LXMERT_SPLIT_NAMES, convert_nlvr2
 from tasks.convert.vqa import (
+    DEFAULT_MIN_ANSWER_COUNT,
     DEFAULT_MINIVAL_SIZE,
     DEFAULT_SEED,
     build_answer_table,
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-answer-count",
         type=_positive_int,
         metavar="N",
-        default=9,
+        default=DEFAULT_MIN_ANSWER_COUNT,
         help="a built table keeps normalised multiple-choice answers of at least this many questions",
     )
     g.add_argument(

@@ -47,6 +47,7 @@ __all__ = [
 
 DEFAULT_MINIVAL_SIZE = 5000
 DEFAULT_SEED = 9595
+DEFAULT_MIN_ANSWER_COUNT = 9  # the original's filter_answers threshold
 
 
 def soft_score(count: int) -> float:
@@ -106,7 +107,7 @@ def _annotations_list(doc: Any, source: str) -> list[Mapping[str, Any]]:
 
 
 def build_answer_table(
-    annotation_docs: Iterable[tuple[Any, str]], min_count: int = 9
+    annotation_docs: Iterable[tuple[Any, str]], min_count: int = DEFAULT_MIN_ANSWER_COUNT
 ) -> tuple[list[str], dict[str, int]]:
     """The answer table built from official annotations (the original's ``filter_answers``).
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tasks.convert import (
 )
 from tasks.convert.easy_vqa import TEST_QUESTION_ID_OFFSET, installed_easy_vqa_data, question_type
 from tasks.convert.vqa import build_answer_table, read_image_id_list, select_minival_images
+from tasks.data_cli import build_parser as data_parser
 from tasks.data_cli import main as data_main
 from tasks.metrics import evaluate_vqa
 
@@ -138,6 +140,11 @@ def test_built_answer_table_normalises_and_counts_questions():
     more = {"annotations": [dict(annotations["annotations"][0], question_id=1)]}
     table, counts = build_answer_table([(annotations, "a.json"), (more, "b.json")], min_count=2)
     assert table == ["yes"] and counts["yes"] == 2  # distinct questions over both files
+    # the original's threshold (9), stated once: lxmert-data's default is build_answer_table's
+    args = data_parser().parse_args(
+        ["vqa", "--annotations", "a.json", "--questions", "q.json", "--out", "o.json"]
+    )
+    assert args.min_answer_count == inspect.signature(build_answer_table).parameters["min_count"].default == 9
 
 
 def test_minival_selection_is_reproducible_and_partitions(tmp_path):
