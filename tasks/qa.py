@@ -17,8 +17,8 @@ Text is ``[CLS] word_pieces[:max_seq_length - 2] [SEP]``, padded to ``max_seq_le
 Losses (on the answer logits ``(B, A)``):
 
 - ``bce`` (VQA, GQA; the original): ``BCEWithLogits(logits, soft_targets)`` (mean over ``B * A``) ``* A``;
-- ``ce`` (GQA's ``--mceLoss``): cross-entropy on the argmax answer of each item; items with no answer in the
-  table are left out (the original would train them towards answer 0).
+- ``ce`` (GQA's ``--mceLoss``): cross-entropy on the argmax answer of each item (mean) ``* A``, as the original;
+  items with no answer in the table are left out (the original would train them towards answer 0).
 
 Training-time metric (LXMERT's, printed as "Valid" by the original): the soft score of the argmax answer,
 summed and divided by the number of questions. It equals the official VQA accuracy up to the official
@@ -196,7 +196,8 @@ def qa_loss(logits: Tensor, target: Tensor, loss: str) -> Tensor:
         best, labels = target.max(1)
         labels = torch.where(best > 0, labels, torch.full_like(labels, -100))
         total = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
-        return total / (labels != -100).sum().clamp(min=1)
+        # the original's --mceLoss: mean cross-entropy x the number of answers, like the BCE loss
+        return total / (labels != -100).sum().clamp(min=1) * num_answers
     raise ValueError(f"finetune.loss must be 'bce' or 'ce', got {loss!r}")
 
 

@@ -65,8 +65,9 @@ def test_bce_loss_is_lxmerts_mean_times_num_answers():
     target = torch.tensor([[0, 1.0, 0.3, 0, 0], [0.9, 0, 0, 0, 0], [0, 0, 0, 0, 0]])
     by_hand = -(target * F.logsigmoid(logits) + (1 - target) * F.logsigmoid(-logits)).mean() * 5
     assert qa_loss(logits, target, "bce").item() == pytest.approx(by_hand.item(), rel=1e-6)
-    # CE on the argmax answer; the question with no answer in the table is left out
-    ce = F.cross_entropy(logits[:2], torch.tensor([1, 0]))
+    # CE on the argmax answer x the number of answers (the original's --mceLoss); the question with no
+    # answer in the table is left out
+    ce = F.cross_entropy(logits[:2], torch.tensor([1, 0])) * 5
     assert qa_loss(logits, target, "ce").item() == pytest.approx(ce.item(), rel=1e-6)
     # LXMERT's metric: soft score of the argmax answer
     logits = torch.tensor([[0, 0, 5.0, 0, 0], [5.0, 0, 0, 0, 0], [0, 5.0, 0, 0, 0]])
