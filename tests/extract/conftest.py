@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from extract.store import FeatureStore
+
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
@@ -22,7 +24,6 @@ def _one_torch_thread():
 @pytest.fixture
 def read_records() -> Callable[[Path], dict[str, dict]]:
     """``read_records(store_path)`` -> {img_id: record} for a (small) store, closing the reader afterwards."""
-    from extract.store import FeatureStore
 
     def read(path: Path) -> dict[str, dict]:
         store = FeatureStore(path)

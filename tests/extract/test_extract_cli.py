@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from common import cpu as runtime
 from extract import cli
 from extract.cli import build_parser, config_from_args, main
 from extract.config import AMP_DTYPES, ExtractConfig, default_workers
@@ -211,10 +213,6 @@ def test_strict_exit_code_and_random_weights_banner(tmp_path: Path, capsys) -> N
 
 
 def test_amp_without_native_support_on_cpu_is_flagged(tmp_path: Path, capsys, monkeypatch) -> None:
-    import torch
-
-    from common import cpu as runtime
-
     _images(tmp_path / "imgs", 1)
     imgs = str(tmp_path / "imgs")
     monkeypatch.setattr(runtime, "cpu_autocast_is_fast", lambda dtype: dtype == torch.float32)

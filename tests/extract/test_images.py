@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -166,8 +167,6 @@ def test_one_pixel_image_is_upscaled(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ bad files
 def _jpeg_bytes() -> bytes:
-    import io
-
     buf = io.BytesIO()
     Image.fromarray(_rgb(64, 64)).save(buf, "JPEG")
     return buf.getvalue()

@@ -6,6 +6,8 @@ import hashlib
 import json
 import logging
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 
 from extract import runner as runner_module
 from extract import weights as weights_module
+from extract.detector import build_vg_detector, get_detector_cfg
 from extract.runner import (
     AspectRatioGrouper,
     DuplicateIdError,
@@ -31,6 +34,7 @@ from extract.runner import (
     run_extraction,
     write_failures,
 )
+from extract.selection import BoxSelection
 from extract.store import FIELDS, FeatureStore, FeatureWriter, open_metadata
 
 SMALL = {"min_size": 64, "max_size": 112}  # tiny resized images keep the detector fast
@@ -38,8 +42,6 @@ SMALL = {"min_size": 64, "max_size": 112}  # tiny resized images keep the detect
 
 @pytest.fixture(scope="module")
 def detector():
-    from extract.detector import build_vg_detector, get_detector_cfg
-
     return build_vg_detector(get_detector_cfg("vg_tiny"), "cpu", seed=0)
 
 
@@ -190,9 +192,6 @@ def _zoo(root: Path) -> tuple[set[str], set[str]]:
     big = root / "huge.png"
     Image.new("RGB", (1, 1)).save(big)
     data = bytearray(big.read_bytes())  # claim 30000 x 30000 in the header (decompression bomb)
-    import struct
-    import zlib
-
     ihdr = data.index(b"IHDR")
     data[ihdr + 4 : ihdr + 12] = struct.pack(">II", 30000, 30000)
     data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF)
@@ -310,8 +309,6 @@ def test_mismatched_settings_refused_before_work(tmp_path: Path, detector) -> No
     items = collect_images(tmp_path / "imgs")[:2]
     out = tmp_path / "s.lmdb"
     run_extraction(_config(out), items, detector=detector)
-    from extract.selection import BoxSelection
-
     for change, key in [
         ({"min_size": 80}, "min_size"),
         ({"selection": BoxSelection(rule="maxnms")}, "selection"),

@@ -6,8 +6,10 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
+import lmdb
 import numpy as np
 import pytest
 import torch
@@ -316,8 +318,6 @@ def test_reader_remaps_without_changing_results(tmp_path, monkeypatch):
 
 
 def test_threads_read_while_remapping(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
     ids = [f"img{i}" for i in range(8)]
     write_store(tmp_path / "s", ids, features_dtype="float16")
     store = FeatureStore(tmp_path / "s", remap_every_bytes=1)  # re-map after every read
@@ -353,8 +353,6 @@ def test_listing_ids_does_not_page_in_records(tmp_path):
 
 def test_store_without_ids_index_still_works_and_gets_one(tmp_path):
     """A store whose ids index is missing (older layout): read by scanning, indexed by the next writer."""
-    import lmdb
-
     path = tmp_path / "old"
     write_store(path, ["b", "a", "c"])
     raw = {}
