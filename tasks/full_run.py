@@ -315,9 +315,19 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
 
 
 def real_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
+    """The real recipe. On several machines (``launch.nnodes > 1``; ``run_dir`` on storage every machine sees)
+    each machine extracts its shard of every image set into a store of its own
+    (``features/<name>.node<R>.lmdb``: LMDB's writer locking is not safe across machines), training reads all
+    machines' stores (an image id is looked up in each), and only machine 0 writes predictions."""
     r = cfg.real
     launch = _launcher(cfg.launch)
-    stores = {s.name: run / "features" / f"{s.name}.lmdb" for s in r.image_sets}
+    nnodes, node = cfg.launch.nnodes, cfg.launch.node_rank
+
+    def node_store(name: str, rank: int) -> Path:
+        suffix = f".node{rank}" if nnodes > 1 else ""
+        return run / "features" / f"{name}{suffix}.lmdb"
+
+    stores = {s.name: [node_store(s.name, k) for k in range(nnodes)] for s in r.image_sets}
     stages: list[Stage] = []
 
     def store_paths(names: list[str]) -> list[Path]:
@@ -326,7 +336,7 @@ def real_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
             raise ConfigError(
                 f"image set(s) {unknown} are not defined under real.image_sets ({list(stores)})"
             )
-        return [stores[n] for n in names]
+        return [p for n in names for p in stores[n]]
 
     for s in r.image_sets:
 
@@ -334,7 +344,14 @@ def real_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
             cmd = [*launch, str(BIN / "extract-features")]
             if s.list_file:
                 cmd += ["--list", s.list_file]
-            cmd += [s.images, str(stores[s.name]), "--config", r.detector_config, "--id-from", s.id_from]
+            cmd += [
+                s.images,
+                str(node_store(s.name, node)),
+                "--config",
+                r.detector_config,
+                "--id-from",
+                s.id_from,
+            ]
             cmd += ["--weights", r.weights] if r.weights else ["--random-weights"]
             if r.extract_batch_size:
                 cmd += ["--batch-size", str(r.extract_batch_size)]
@@ -386,7 +403,7 @@ def real_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
         splits = dict(ft.test)
         if ft.valid:
             splits = {"valid": ft.valid, **splits}
-        for split, path in splits.items():
+        for split, path in splits.items() if node == 0 else ():
             ann = ["--annotations", ft.valid_annotations] if split == "valid" and ft.valid_annotations else []
             stages.append(
                 Stage(
