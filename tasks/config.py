@@ -61,6 +61,8 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-6
     clip_grad_norm: float = 1.0  # <= 0: no clipping
+    # torch's fused kernel (CPU / CUDA) for bert_adam and adamw; false: bert_adam as multi-tensor foreach ops
+    fused: bool = True
 
 
 @dataclass

@@ -7,8 +7,10 @@
   weight decay, applied by the original to every parameter, biases and LayerNorm included);
 - ``p -= lr_t * update``.
 
-It runs as multi-tensor ``torch._foreach_*`` kernels (one launch per op for all the parameters of one device
-and dtype), the way torch's own ``foreach`` Adam does. Parameters without a gradient are left alone (no
+:class:`BertAdam` runs as multi-tensor ``torch._foreach_*`` kernels (one launch per op for all the parameters
+of one device and dtype), the way torch's own ``foreach`` Adam does. :class:`FusedBertAdam` (the default,
+``optim.fused: true``, on CPU and CUDA) runs the same update in torch's fused AdamW kernel, one pass over each
+tensor, with the bias corrections held at exactly 1. Parameters without a gradient are left alone (no
 moment decay, no weight decay), as in the original.
 
 :class:`WarmupLinear` is the original schedule: with ``x = step / t_total`` (``step`` = optimizer steps
@@ -19,6 +21,7 @@ device has it).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,7 +30,7 @@ from torch import nn
 
 from .config import OptimConfig
 
-__all__ = ["BertAdam", "WarmupLinear", "build_optimizer", "param_groups", "warmup_linear"]
+__all__ = ["BertAdam", "FusedBertAdam", "WarmupLinear", "build_optimizer", "param_groups", "warmup_linear"]
 
 
 class BertAdam(torch.optim.Optimizer):
@@ -81,19 +84,52 @@ class BertAdam(torch.optim.Optimizer):
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
             for params, grads, exp_avgs, exp_avg_sqs in buckets.values():
-                torch._foreach_mul_(exp_avgs, beta1)
-                torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+                # m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+                torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
                 torch._foreach_mul_(exp_avg_sqs, beta2)
                 torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+                if lr == 0.0:  # the schedule's first update: p -= 0 * update
+                    continue
+                # p -= lr * (m / (sqrt(v) + eps) + wd * p), as p *= 1 - lr * wd; p -= lr * m / (sqrt(v) + eps)
                 denom = torch._foreach_sqrt(exp_avg_sqs)
                 torch._foreach_add_(denom, eps)
-                update = torch._foreach_div(exp_avgs, denom)
+                if weight_decay != 0.0:
+                    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+                torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
                 del denom
-                if weight_decay > 0.0:
-                    torch._foreach_add_(update, params, alpha=weight_decay)
-                if lr != 0.0:
-                    torch._foreach_add_(params, update, alpha=-lr)
         return loss
+
+
+class FusedBertAdam(torch.optim.AdamW):
+    """BERT-Adam on torch's fused AdamW kernel (one pass over each tensor; CPU and CUDA).
+
+    AdamW divides by the bias corrections ``1 - beta^t``; with the step count ``t`` held at +inf they are
+    exactly 1 (``+inf + 1`` stays +inf), and what remains is BERT-Adam's update: ``p *= 1 - lr * wd``, then
+    ``p -= lr * m / (sqrt(v) + eps)``, the same as ``p -= lr * (m / (sqrt(v) + eps) + wd * p)`` up to float
+    rounding (tested against the per-parameter reference). Parameters without a gradient are skipped.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+    ) -> None:
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and not self.state[p]:
+                    self.state[p].update(
+                        step=torch.full((), math.inf, dtype=torch.float32, device=p.device),
+                        exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                        exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format),
+                    )
+        return super().step(closure)
 
 
 def warmup_linear(x: float, warmup: float) -> float:
@@ -181,12 +217,12 @@ def build_optimizer(
     """``optim.name`` -> (optimizer, schedule over ``t_total`` optimizer steps)."""
     groups = param_groups(model, cfg.weight_decay, cfg.exempt_bias_and_norm)
     betas = (cfg.beta1, cfg.beta2)
+    fused = cfg.fused and device_type in ("cuda", "cpu")  # torch's fused AdamW kernels exist for both
     if cfg.name == "bert_adam":
-        optimizer: torch.optim.Optimizer = BertAdam(
+        optimizer: torch.optim.Optimizer = (FusedBertAdam if fused else BertAdam)(
             groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay
         )
     elif cfg.name == "adamw":
-        fused = device_type in ("cuda", "cpu")  # torch's fused AdamW kernels exist for both
         optimizer = torch.optim.AdamW(
             groups, lr=cfg.lr, betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
         )
