@@ -28,7 +28,6 @@ neither on the number of workers nor of processes, and a resumed run draws what 
 
 from __future__ import annotations
 
-import json
 import logging
 from array import array
 from collections.abc import Sequence
@@ -43,6 +42,7 @@ from torch.utils.data import Dataset
 from model import LxmertTokenizer
 from tasks.answer_table import normalize_answer
 from tasks.config import TrainConfig
+from tasks.convert.io import DataFormatError, read_json
 from tasks.features import RegionFeatures, collate_regions
 
 log = logging.getLogger(__name__)
@@ -166,15 +166,9 @@ def read_pretrain_json(path: str | Path) -> list[dict]:
     bad entry (its index and img_id)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise PretrainDataError(f"{path}: no such file (data.train / data.valid)") from err
-    except json.JSONDecodeError as err:
-        raise PretrainDataError(
-            f"{path}: not valid JSON: {err.msg} at line {err.lineno} column {err.colno}"
-        ) from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise PretrainDataError(f"{path}: cannot read ({err})") from err
+        data = read_json(path, "pretraining JSON file (data.train / data.valid)")
+    except DataFormatError as err:  # missing, unreadable or not JSON: the message names the file (and line)
+        raise PretrainDataError(str(err)) from err
     if not isinstance(data, list):
         raise PretrainDataError(
             f"{path}: the top level is a {type(data).__name__}, not a list; {_FORMAT_HINT}"
