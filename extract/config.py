@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from common.config import check_choices
+from common.hub import is_hub_id
 from extract.image_list import IdFrom
 from extract.records import FeaturesDtype
 from extract.selection import BoxSelection
@@ -98,6 +99,11 @@ class ExtractConfig:
         return AMP_DTYPES[self.amp]
 
 
+def _weights_name(weights: str) -> str:
+    """The weights file's name, or a Hub id whole (its last part alone would hide the owner)."""
+    return weights if is_hub_id(weights) else Path(weights).name
+
+
 def _config_name(config: str) -> str:
     return Path(config).name if (os.sep in config or config.endswith((".yaml", ".yml"))) else config
 
@@ -108,9 +114,10 @@ def extractor_settings(
     """The settings that determine the features, stored in (and checked against) the store's metadata.
 
     ``weights_sha256`` / ``weights_layout``: of the weights file, as loaded (None with random weights).
+    ``weights`` is the file's name, or the Hub id as given (``unc-nlp/frcnn-vg-finetuned``).
     Batch size, workers, device, ids and progress do not change a record and are left out; ``MODEL.DEVICE``
-    and ``MODEL.WEIGHTS`` overrides likewise. ``weights_layout`` is recorded but never compared (it follows
-    from the sha256).
+    and ``MODEL.WEIGHTS`` overrides likewise. ``weights`` and ``weights_layout`` are recorded but never
+    compared (the sha256 is the weights' identity: see :data:`extract.store.meta.DERIVED_SETTINGS`).
     """
     opts = [
         (k, v)
@@ -118,7 +125,7 @@ def extractor_settings(
         if k not in ("MODEL.DEVICE", "MODEL.WEIGHTS")
     ]
     return {
-        "weights": None if config.random_weights else Path(config.weights or "").name,
+        "weights": None if config.random_weights else _weights_name(config.weights or ""),
         "weights_sha256": None if config.random_weights else weights_sha256,
         "weights_layout": None if config.random_weights else weights_layout,
         "random_weights": bool(config.random_weights),

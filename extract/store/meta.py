@@ -20,9 +20,10 @@ from extract.store.env import IDS_DB_NAME, METADATA_KEY
 
 __all__ = ["DERIVED_SETTINGS", "check_compatible", "normalise_settings", "parse_metadata", "settings_diff"]
 
-#: Extractor settings that are recorded but never compared: they follow from others (the weights file's
-#: layout from its sha256), and stores written before they were recorded lack them.
-DERIVED_SETTINGS: tuple[str, ...] = ("weights_layout",)
+#: Extractor settings that are recorded but never compared: they follow from others (the weights file's name
+#: and layout from its sha256: a renamed or re-downloaded copy of the same file resumes a store), and stores
+#: written before they were recorded lack them.
+DERIVED_SETTINGS: tuple[str, ...] = ("weights", "weights_layout")
 #: Metadata keys owned by the writer (not settable through ``FeatureWriter.set_metadata``).
 MANAGED_KEYS = frozenset(
     {"schema_version", "features_dtype", "feature_dim", "count", "extractor", "created", "ids_index"}

@@ -375,6 +375,14 @@ def test_weights_hashed_once_recorded_and_checked(
     again = run_extraction(config, items, detector=detector)
     assert hashed == [str(weights)] and (again.done, again.skipped) == (0, 2)
 
+    renamed = tmp_path / "copy" / "renamed.pth"  # the same bytes under another name: the sha256 decides
+    renamed.parent.mkdir()
+    renamed.write_bytes(weights.read_bytes())
+    config_renamed = _config(out, random_weights=False, weights=str(renamed), device="cpu")
+    again = run_extraction(config_renamed, items, detector=detector)
+    assert (again.done, again.skipped) == (0, 2)
+    assert open_metadata(out)["extractor"] == stored  # the store keeps the name it was made with
+
     other = tmp_path / "v2" / "tiny.pth"  # same name, other tensors
     other.parent.mkdir()
     state = detector.state_dict()

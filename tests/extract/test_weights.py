@@ -417,6 +417,7 @@ def test_three_layouts_give_byte_identical_store_records(
         assert cli_main([str(images), str(out), "--weights", given, *common]) == 0, layout
         records[layout], metas[layout] = read_records(out), open_metadata(out)["extractor"]
         assert metas[layout]["weights_layout"] == layout
+        assert metas[layout]["weights"] == (HF_ID if layout == "hf-frcnn" else path.name)  # a Hub id whole
         assert metas[layout]["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     reference = records["detectron2-pkl"]
     assert sorted(reference) == ["img0", "img1"]
