@@ -23,14 +23,15 @@ import logging
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from common.config import field_choices, field_default
 from common.cpu import cpu_autocast_warning, tune_cpu_allocator
-from extract.runner import AMP_DTYPES, ExtractConfig
+from extract.config import AMP_DTYPES, ExtractConfig
 from extract.selection import BoxSelection
 from tasks.answerer import (
     Answerer,
@@ -45,9 +46,15 @@ __all__ = ["QuestionLine", "build_parser", "main", "read_questions"]
 PROG = "lxmert-answer"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2
 
-# Defaults come from the extractor's own dataclasses (one place).
-_EXTRACT = {f.name: f.default for f in fields(ExtractConfig) if not callable(f.default)}
-_SELECTION = BoxSelection()
+
+def _default(name: str) -> Any:
+    """A detector setting's default: :class:`extract.config.ExtractConfig`'s (one place, as extract-features)."""
+    return field_default(ExtractConfig, name)
+
+
+def _boxes_default() -> str:
+    lo, hi = field_default(BoxSelection, "min_boxes"), field_default(BoxSelection, "max_boxes")
+    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 @dataclass
@@ -131,31 +138,47 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("detector (as extract-features)")
     g.add_argument("--weights", metavar="FILE", help="detector weights (faster_rcnn_from_caffe_attr.pkl)")
     g.add_argument("--random-weights", action="store_true", help="an untrained detector (tests, timing)")
-    g.add_argument("--config", default=_EXTRACT["config"], help="vg_r101_c4 | vg_tiny | path/to/config.yaml")
+    g.add_argument("--config", default=_default("config"), help="vg_r101_c4 | vg_tiny | path/to/config.yaml")
     g.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="Detectron2 config overrides")
     g.add_argument(
-        "--selection", choices=("caffe", "maxnms"), default=_SELECTION.rule, help="box selection rule"
+        "--selection",
+        choices=field_choices(BoxSelection, "rule"),
+        default=field_default(BoxSelection, "rule"),
+        help="box selection rule",
+    )
+    g.add_argument("--boxes", default=_boxes_default(), help="regions per image: N, or MIN-MAX")
+    g.add_argument(
+        "--conf-thresh",
+        type=float,
+        default=field_default(BoxSelection, "conf_thresh"),
+        help="caffe rule threshold",
     )
     g.add_argument(
-        "--boxes",
-        default=str(_SELECTION.min_boxes)
-        if _SELECTION.min_boxes == _SELECTION.max_boxes
-        else f"{_SELECTION.min_boxes}-{_SELECTION.max_boxes}",
-        help="regions per image: N, or MIN-MAX",
+        "--nms-thresh",
+        type=float,
+        default=field_default(BoxSelection, "nms_thresh"),
+        help="NMS IoU threshold",
     )
-    g.add_argument("--conf-thresh", type=float, default=_SELECTION.conf_thresh, help="caffe rule threshold")
-    g.add_argument("--nms-thresh", type=float, default=_SELECTION.nms_thresh, help="NMS IoU threshold")
-    g.add_argument("--min-size", type=int, default=_EXTRACT["min_size"], help="shortest side after resizing")
-    g.add_argument("--max-size", type=int, default=_EXTRACT["max_size"], help="cap on the longest side")
-    g.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels (w*h)")
+    g.add_argument("--min-size", type=int, default=_default("min_size"), help="shortest side after resizing")
+    g.add_argument("--max-size", type=int, default=_default("max_size"), help="cap on the longest side")
+    g.add_argument(
+        "--max-pixels", type=int, default=_default("max_pixels"), help="refuse images with more pixels (w*h)"
+    )
     g = p.add_argument_group("output and execution")
     g.add_argument("--json", action="store_true", help="one JSON object per question instead of text")
     g.add_argument("--draw", metavar="OUT.png", help="write the image shaded by the model's attention")
     g.add_argument(
         "--strict", action="store_true", help="refuse a model trained on features from another extractor"
     )
-    g.add_argument("--device", default=None, help="cuda | cuda:N | cpu (None: cuda when available)")
-    g.add_argument("--amp", choices=tuple(AMP_DTYPES), default="none", help="autocast for detector and model")
+    g.add_argument(
+        "--device", default=_default("device"), help="cuda | cuda:N | cpu (None: cuda when available)"
+    )
+    g.add_argument(
+        "--amp",
+        choices=field_choices(ExtractConfig, "amp"),
+        default=_default("amp"),
+        help="autocast for detector and model",
+    )
     g.add_argument("--verbose", action="store_true", help="library logs and per-question times")
     return p
 

@@ -16,12 +16,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
+from common.config import field_choices
 from extract.detector import build_vg_detector, get_detector_cfg
 from extract.runner import ExtractConfig, ImageItem, run_extraction
+from extract.selection import BoxSelection
 from extract.store import FeatureStore
 from extract.vg_vocab import load_vg_vocab
 from model import LxmertConfig, LxmertForQuestionAnswering, LxmertModel, LxmertTokenizer
-from tasks.answer_cli import main, read_questions
+from tasks.answer_cli import build_parser, main, read_questions
 from tasks.answerer import (
     Answerer,
     AnswerInputError,
@@ -398,3 +400,23 @@ def test_questions_file_bad_lines_reported_rest_answered(built: dict, tmp_path: 
 
     good, bad = read_questions(questions)
     assert [q.line for q in good] == [1, 3, 6, 7] and len(bad) == 3
+
+
+def test_detector_flags_follow_the_extractor_config() -> None:
+    """--amp, --selection and the detector defaults are ExtractConfig's / BoxSelection's (one place)."""
+    parser = build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    assert tuple(actions["amp"].choices) == field_choices(ExtractConfig, "amp")
+    assert tuple(actions["selection"].choices) == field_choices(BoxSelection, "rule")
+    args = parser.parse_args(["img.jpg", "q?", "--model", "m", "--random-weights"])
+    base, selection = ExtractConfig(out=""), BoxSelection()
+    for name in ("amp", "config", "device", "min_size", "max_size", "max_pixels"):
+        assert getattr(args, name) == getattr(base, name), name
+    assert (args.selection, args.conf_thresh, args.nms_thresh) == (
+        selection.rule,
+        selection.conf_thresh,
+        selection.nms_thresh,
+    )
+    assert BoxSelection.from_spec(args.boxes) == BoxSelection(
+        min_boxes=selection.min_boxes, max_boxes=selection.max_boxes
+    )
