@@ -131,6 +131,24 @@ class FusedBertAdam(torch.optim.AdamW):
                     )
         return super().step(closure)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Also takes the state of :class:`BertAdam` (``optim.fused: false``, or a checkpoint written before
+        the fused default): the same moments, given the step count this class holds at +inf, and this
+        optimizer's own kernel settings (``fused``, ...) where the saved groups lack them."""
+        state = {
+            key: {**value, "step": torch.tensor(math.inf)}
+            if "exp_avg" in value and "step" not in value
+            else value
+            for key, value in state_dict["state"].items()
+        }
+        groups = state_dict["param_groups"]
+        if len(groups) == len(self.param_groups):  # otherwise torch refuses the groups, naming the mismatch
+            groups = [
+                {**{k: v for k, v in own.items() if k != "params"}, **saved}
+                for own, saved in zip(self.param_groups, groups)
+            ]
+        super().load_state_dict({**state_dict, "state": state, "param_groups": groups})
+
 
 def warmup_linear(x: float, warmup: float) -> float:
     """The original's factor at training progress ``x = step / t_total`` (0 at x=0, 1 at x=warmup, 0 at x=1)."""
