@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from safetensors import safe_open
 
 from common.distributed import DeviceError, resolve_device
 from extract.images import ImageError, decode_image, load_image
@@ -47,6 +48,7 @@ from extract.store import normalize_boxes
 from extract.vg_vocab import load_vg_vocab
 from model import LxmertForQuestionAnswering, LxmertTokenizer
 from tasks.answer_table import load_answer_table
+from tasks.checkpointing import WEIGHTS_NAME
 from tasks.features import FeatureStats
 from tasks.qa import EXTRACTOR_FILE, LABEL2ANS_FILE, TaskDataError, model_folder_record
 
@@ -281,6 +283,7 @@ class Answerer:
         load_s: dict[str, float] = {}
         folder = Path(model_path) if Path(model_path).is_dir() else None
 
+        _check_model_path(model_path, folder)
         table = _answer_table(model_path, folder, answers)
         recorded = _extractor_record(folder)
         stats = _feature_stats(folder)
@@ -443,14 +446,50 @@ def _check_table(answers: list[str], model: LxmertForQuestionAnswering) -> None:
         )
 
 
+def _check_model_path(model_path: Any, folder: Path | None) -> None:
+    """Refuse, before anything slow and before asking for an answer table, a model path that names nothing
+    (neither a local folder / file nor a Hub id ``owner/name``) and a local model folder whose weights hold no
+    question-answering head (a backbone, or an NLVR2 pair head)."""
+    text = str(model_path)
+    if folder is None and not Path(text).exists():
+        parts = text.split("/")
+        if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
+            raise AnswerSetupError(
+                f"model {text}: no such folder or file; give a fine-tuned model folder (RUN_DIR/best), a checkpoint "
+                "file or a Hugging Face Hub id (owner/name)"
+            )
+        return
+    weights = folder / WEIGHTS_NAME if folder is not None else None
+    if weights is None or not weights.is_file():
+        return
+    try:
+        with safe_open(str(weights), framework="pt") as f:  # the header only: no tensor is read
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if "logit_fc" in k}
+    except (OSError, ValueError, RuntimeError):
+        return  # unreadable: the model loader names the problem
+    out = next((shape for key, shape in shapes.items() if key.endswith("logit_fc.3.weight")), None)
+    first = next((shape for key, shape in shapes.items() if key.endswith("logit_fc.0.weight")), None)
+    if out is None:
+        raise AnswerSetupError(
+            f"{text} has no answer head ({weights.name} holds no answer_head.logit_fc.*): it is an encoder-only "
+            "checkpoint; fine-tune it first (lxmert-train vqa / gqa) or pass a fine-tuned model folder"
+        )
+    if first is not None and len(first) == 2 and first[0] == first[1] and out[0] == 2:
+        raise AnswerSetupError(
+            f"{text} is an NLVR2 model (a true / false head over image pairs), not a question-answering one; pass "
+            "a VQA or GQA model folder"
+        )
+
+
 def _answer_table(model_path: Any, folder: Path | None, answers: Any) -> list[str]:
     path = Path(answers) if answers is not None else (folder / LABEL2ANS_FILE if folder is not None else None)
     if path is None or not path.is_file():
         if answers is not None:
             raise AnswerSetupError(f"answer table {answers} not found; give the model's label2ans.json")
+        hub = "" if Path(str(model_path)).exists() else f" (no local {model_path} exists: read as a Hub id)"
         raise AnswerSetupError(
-            f"{model_path} carries no answer table ({LABEL2ANS_FILE}); pass --answers label2ans.json (e.g. LXMERT's "
-            "vqa trainval_label2ans.json for unc-nlp/lxmert-vqa-uncased)"
+            f"{model_path} carries no answer table ({LABEL2ANS_FILE}){hub}; pass --answers label2ans.json (e.g. "
+            "LXMERT's vqa trainval_label2ans.json for unc-nlp/lxmert-vqa-uncased)"
         )
     try:
         return load_answer_table(path)

@@ -22,7 +22,7 @@ from extract.runner import ExtractConfig, ImageItem, run_extraction
 from extract.selection import BoxSelection
 from extract.store import FeatureStore
 from extract.vg_vocab import load_vg_vocab
-from model import LxmertConfig, LxmertForQuestionAnswering, LxmertModel, LxmertTokenizer
+from model import LxmertConfig, LxmertForNLVR2, LxmertForQuestionAnswering, LxmertModel, LxmertTokenizer
 from tasks.answer_cli import build_parser, main, read_questions
 from tasks.answerer import (
     Answerer,
@@ -420,3 +420,31 @@ def test_detector_flags_follow_the_extractor_config() -> None:
     assert BoxSelection.from_spec(args.boxes) == BoxSelection(
         min_boxes=selection.min_boxes, max_boxes=selection.max_boxes
     )
+
+
+def test_models_that_cannot_answer_are_named_before_any_table_is_asked(
+    built: dict, tmp_path: Path, capsys
+) -> None:
+    """No label2ans.json beside: a backbone or an NLVR2 folder is refused for what it is (not for the missing
+    answer table), and a path that names nothing (not a Hub id either) is refused as such."""
+    backbone = tmp_path / "backbone_only"
+    LxmertModel(built["model"].config).save_pretrained(backbone)
+    pair = tmp_path / "nlvr2_best"
+    LxmertForNLVR2(built["model"].config).save_pretrained(pair)
+    cases = [
+        (backbone, "has no answer head"),
+        (pair, "is an NLVR2 model"),
+        (tmp_path / "runs" / "vqa" / "bets", "no such folder or file"),
+    ]
+    for model_path, words in cases:
+        argv = _cli_args(built)
+        argv[1] = str(model_path)
+        assert main([str(built["image"]), QUESTION, *argv]) == 2, model_path
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "answer table" not in err, err
+    # an owner/name that is no local path: a Hub id, whose answer table must be given
+    argv = _cli_args(built)
+    argv[1] = "unc-nlp/lxmert-vqa-uncased"
+    assert main([str(built["image"]), QUESTION, *argv]) == 2
+    err = capsys.readouterr().err
+    assert "carries no answer table" in err and "read as a Hub id" in err and "--answers" in err
