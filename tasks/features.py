@@ -19,7 +19,6 @@ their object / attribute labels carry no information.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from extract.store import FeatureStore, StoreError
+from extract.store import FeatureStore, StoreError, settings_diff
 
 log = logging.getLogger(__name__)
 
@@ -147,17 +146,21 @@ class RegionFeatures:
                 f"feature stores disagree on the feature dimension ({dims}); use stores from one extractor"
             )
         self.feature_dim: int | None = next(iter(dims.values()), None)
-        settings = {
-            json.dumps(
-                {k: v for k, v in (e["extractor"] or {}).items() if k not in _PER_STORE_KEYS}, sort_keys=True
-            )
-            for e in self.extractors
-        }
-        if len(settings) > 1:
+        first = self.extractors[0]
+        differences = []
+        for other in self.extractors[
+            1:
+        ]:  # the stores' own settings check (weights name / layout not compared)
+            a, b = first["extractor"] or {}, other["extractor"] or {}
+            keys = settings_diff(a, b, ignore=_PER_STORE_KEYS)
+            if keys:
+                shown = ", ".join(f"{k}: {a.get(k, '<absent>')!r} vs {b.get(k, '<absent>')!r}" for k in keys)
+                differences.append(f"{other['path']} differs from {first['path']} in {shown}")
+        if differences:
             log.warning(
                 "the feature stores were written with different extractor settings (%s); features from different "
                 "extractors differ and mixing them can cost accuracy",
-                "; ".join(f"{e['path']}: {e['extractor']}" for e in self.extractors),
+                "; ".join(differences),
             )
         self._where: dict[str, int] = {}
         if stats is not None and self.feature_dim is not None and stats.mean.shape != (self.feature_dim,):

@@ -45,7 +45,7 @@ from extract.records import (
     normalize_boxes,
 )
 from extract.store.env import IDS_DB_NAME, METADATA_KEY
-from extract.store.meta import check_compatible
+from extract.store.meta import check_compatible, settings_diff
 from extract.store.ops import VerifyReport, export_h5, merge_stores, store_size_bytes, verify_store
 from extract.store.reader import FeatureStore, open_metadata
 from extract.store.writer import FeatureWriter
@@ -62,6 +62,7 @@ __all__ = [
     "StoreError",
     "StoreSettingsMismatch",
     "check_compatible",
+    "settings_diff",
     "encode_record",
     "decode_record",
     "normalize_boxes",

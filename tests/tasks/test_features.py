@@ -161,3 +161,27 @@ def test_collate_pads_and_masks():
     assert torch.all(out["visual_feats"][0, 3:] == 0)
     full = collate_regions([regions(4), regions(4)])
     assert "visual_attention_mask" not in full
+
+
+def test_stores_with_other_extractor_settings_are_named_in_a_warning(tmp_path: Path, caplog):
+    """The stores' own settings check: the key that differs is named; the TSV file, the weights' file name
+    and layout are not settings (the sha256 is the weights' identity)."""
+    settings = {"weights": "a.pkl", "weights_sha256": "ab" * 32, "weights_layout": "detectron2-pkl"}
+    settings |= {"selection": "caffe", "min_boxes": 36, "max_boxes": 36}
+    write_store(tmp_path / "coco.lmdb", ["c"], extractor=settings)
+    write_store(
+        tmp_path / "vg.lmdb", ["v"], extractor={**settings, "weights": "renamed.pkl", "weights_layout": None}
+    )
+    write_store(tmp_path / "tsv_a.lmdb", ["t"])
+    write_store(tmp_path / "tsv_b.lmdb", ["u"])  # {"source": "tsv", "file": its own name}
+    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+        RegionFeatures([tmp_path / "coco.lmdb", tmp_path / "vg.lmdb"])
+        RegionFeatures([tmp_path / "tsv_a.lmdb", tmp_path / "tsv_b.lmdb"])
+    assert not caplog.records
+    write_store(tmp_path / "k10.lmdb", ["k"], extractor={**settings, "min_boxes": 10, "max_boxes": 100})
+    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+        RegionFeatures([tmp_path / "coco.lmdb", tmp_path / "vg.lmdb", tmp_path / "k10.lmdb"])
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert f"{tmp_path / 'k10.lmdb'} differs from {tmp_path / 'coco.lmdb'} in max_boxes: 36 vs 100" in message
+    assert "min_boxes: 36 vs 10" in message and "vg.lmdb differs" not in message
