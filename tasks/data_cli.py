@@ -206,6 +206,12 @@ def run_vqa(args: argparse.Namespace) -> None:
                 for s in sources
             ]
             label2ans, counts = build_answer_table(docs, args.min_answer_count)
+            if not label2ans:
+                raise DataFormatError(
+                    f"no answer is the multiple-choice answer of >= {args.min_answer_count} questions in "
+                    f"{', '.join(sources)} ({len(counts)} distinct answers): give LXMERT's table with --answers, "
+                    "build it from more annotations (--vocab-annotations train + val) or lower --min-answer-count"
+                )
             prefix = _answers_prefix(args)
             write_json(prefix + "label2ans.json", label2ans)
             write_json(prefix + "ans2label.json", {a: i for i, a in enumerate(label2ans)})

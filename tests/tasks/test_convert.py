@@ -255,6 +255,15 @@ def test_vqa_cli(tmp_path, capsys):
     assert json.loads((tmp_path / "train_label2ans.json").read_text()) == ["1000 cats", "2", "yes"]
     assert json.loads((tmp_path / "train_ans2label.json").read_text()) == {"1000 cats": 0, "2": 1, "yes": 2}
     assert json.loads(built.read_text())[0]["label"] == {"yes": 1.0}
+    capsys.readouterr()
+
+    # a table that would be empty (no answer reaches the count): refused, nothing written
+    empty = tmp_path / "empty" / "train.json"
+    argv = ["vqa", "--questions", str(q), "--annotations", str(a), "--out", str(empty)]
+    assert data_main([*argv, "--min-answer-count", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "no answer is the multiple-choice answer of >= 9 questions" in err and "--answers" in err
+    assert not empty.parent.exists() or not list(empty.parent.iterdir())
 
     # a malformed file: exit 2, named, and nothing written
     a.write_text('{"annotations": [}')
