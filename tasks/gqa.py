@@ -35,7 +35,7 @@ class GQATask(QATask):
     def official_metric(self, preds: Sequence[Prediction], annotations: str) -> dict[str, Any]:
         """The official GQA scores of ``preds`` against the official questions file (e.g.
         ``testdev_balanced_questions.json``) restricted to the predicted questions, without choices (validity /
-        plausibility 0, as the official without its choices file) and without consistency."""
+        plausibility 0, as the official without its choices file) and without consistency (no ``consistency`` key)."""
         if annotations not in self._official_docs:  # read once per run
             self._official_docs[annotations] = read_json_document(
                 annotations, "the official GQA questions ({questionId: {question, answer, ...}})"
@@ -54,12 +54,16 @@ class GQATask(QATask):
                 f"{annotations}: {len(missing)} of the {len(wanted)} predicted questions are not in it "
                 f"(e.g. {missing[:5]}); give the questions file of the split evaluated"
             )
-        return evaluate_gqa(
+        scores = evaluate_gqa(
             questions,
             self.submission(preds),
             questions_source=str(annotations),
             predictions_source="gqa predictions",
         )
+        del scores[
+            "consistency"
+        ]  # not scored here (lxmert-eval gqa --consistency): absent rather than a false 0
+        return scores
 
 
 def build(config: TrainConfig, model_folder: str | Path | None = None) -> GQATask:

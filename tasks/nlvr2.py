@@ -314,7 +314,7 @@ class NLVR2Task:
         metrics = {"loss": loss, "loss_nlvr2": loss, "accuracy": accuracy, "score": accuracy}
         if self.config.finetune.annotations:
             official = self.official_metric(preds, self.config.finetune.annotations)
-            metrics.update({f"official_{k}": v for k, v in official.items() if isinstance(v, int | float)})
+            metrics.update({f"official_{k}": official[k] for k in ("accuracy", "consistency")})
         return metrics
 
     def checkpoint_extras(self) -> dict[str, Any]:

@@ -67,6 +67,7 @@ def test_ce_finetune_and_official_metric_in_validation(tmp_path: Path):
     # answers of the table are exact strings: the official accuracy (percent) equals LXMERT's
     assert metrics["official_accuracy"] == pytest.approx(100 * metrics["accuracy"])
     assert metrics["official_open"] == pytest.approx(100 * metrics["accuracy"])
+    assert "official_consistency" not in metrics  # not scored during training: absent, not a false 0
     preds, _ = task.predict(model, loader, torch.device("cpu"))
     rows = task.submission(preds)
     assert rows[0] == {"questionId": "0071", "prediction": preds[0].answer}

@@ -101,7 +101,11 @@ def test_tiny_finetune_beats_the_majority_answer(tmp_path: Path):
     cfg = nlvr2_setup(tmp_path, n_images=96)
     cfg.train.epochs = 6
     cfg.optim.lr = 3e-3
+    cfg.finetune.annotations = cfg.data.valid  # the official metrics read LXMERT's converted file too
     summary = train(cfg, nlvr2.build(cfg), tmp_path / "run")
+    official = {k for k in summary["valid"] if k.startswith("official_")}
+    assert official == {"official_accuracy", "official_consistency"}  # metrics only, no counts
+    assert summary["valid"]["official_accuracy"] == pytest.approx(summary["valid"]["accuracy"])
     labels = [it["label"] for it in json.loads(Path(cfg.data.valid).read_text())]
     majority = max(sum(labels), len(labels) - sum(labels)) / len(labels)
     assert summary["best_score"] >= majority + 0.15
