@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.files import write_text_atomic
 from extract.store import FeatureStore
 from tasks.metrics.vqa import evaluate_vqa
 
@@ -237,11 +238,11 @@ def build_report(run: Path, margin: float, examples: int) -> tuple[dict, bool]:
         },
         "probe": probe,
     }
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(run / "summary.json", json.dumps(summary, indent=2))
 
     preds = {p["question_id"]: p["answer"] for p in model_preds}
     drawn = _draw_examples(run, data, preds, test_items, examples)
-    (run / "REPORT.md").write_text(_markdown(summary, drawn, run), encoding="utf-8")
+    write_text_atomic(run / "REPORT.md", _markdown(summary, drawn, run))
     return summary, passed
 
 
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "probe":
         result = run_probe(args.store, args.data)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_text_atomic(args.out, json.dumps(result, indent=2))
         for kind, row in result.items():
             print(f"probe {kind}: {row['accuracy']:.1f}% (chance {row['chance']:.1f}%)")
         return 0

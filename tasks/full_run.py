@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, load_config
+from common.files import write_text_atomic
 from extract.store import open_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -467,11 +468,11 @@ def run_stages(stages: list[Stage], run: Path, dry_run: bool = False, only: list
         if rc != 0:
             raise StageFailed(f"stage '{stage.name}' failed (exit {rc}); its log: {log}")
         info = {"seconds": round(seconds, 1), "log": str(log)}
-        done.write_text(json.dumps(info))
+        write_text_atomic(done, json.dumps(info))
         timings[stage.name] = info
         print(f"[full_run] stage {stage.name} done in {seconds:.1f} s", flush=True)
     if not dry_run:
-        (run / "stages.json").write_text(json.dumps(timings, indent=2))
+        write_text_atomic(run / "stages.json", json.dumps(timings, indent=2))
     return timings
 
 
