@@ -78,6 +78,11 @@ def run_eval_only(
     name = config.task
     if name not in BUILDERS:
         raise ValueError(f"--eval-only works for vqa, gqa and nlvr2, not {name!r}")
+    if annotations and not Path(annotations).is_file():  # before the (long) inference, not after it
+        raise FileNotFoundError(
+            f"--annotations {annotations}: no such file; give the raw official file of the split (VQA annotations, "
+            "GQA questions, NLVR2 JSON lines) or leave --annotations out"
+        )
     out_dir = Path(output)
     out_dir.mkdir(parents=True, exist_ok=True)
     task = BUILDERS[name](config, model_folder=load)

@@ -511,6 +511,11 @@ class QATask:
                 self._answers = load_answer_table(self.config.data.answers)
             else:
                 beside = answers_beside(self.model_folder)
+                if beside is None and self.model_folder and not Path(self.model_folder).exists():
+                    raise TaskDataError(
+                        f"{self.name}: {self.model_folder} is no local folder or file (a typo? a Hub id carries no "
+                        "answer table: then set data.answers to the table its head was trained on)"
+                    )
                 if beside is None:
                     raise TaskDataError(
                         f"{self.name}: no answer table; set data.answers to trainval_label2ans.json (or "

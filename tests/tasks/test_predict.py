@@ -149,6 +149,16 @@ def test_eval_only_errors(vqa_folder, capsys):
     assert cli_main(args) == 1
     assert "data.answers" in capsys.readouterr().err
     assert cli_main(["vqa", "--output", str(root / "z")]) == 2  # training needs --config
+    # a raw annotations file that is not there: refused before the inference, nothing written
+    args = ["vqa", "--eval-only", "--load", str(best), "--data", cfg.data.valid, "--output", str(root / "w")]
+    assert cli_main([*args, "--annotations", str(root / "v2_mscoco_val2014_annotations.json")]) == 1
+    err = capsys.readouterr().err
+    assert "v2_mscoco_val2014_annotations.json: no such file" in err
+    assert not (root / "w").exists()
+    # a model path that names nothing: said so, not "no answer table"
+    args = ["vqa", "--eval-only", "--load", str(root / "runs" / "bets"), "--data", cfg.data.valid]
+    assert cli_main([*args, "--output", str(root / "u")]) == 1
+    assert "is no local folder or file" in capsys.readouterr().err
 
 
 def test_gqa_submission_format(tmp_path: Path):
