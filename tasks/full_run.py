@@ -455,14 +455,16 @@ def run_stages(stages: list[Stage], run: Path, dry_run: bool = False, only: list
         print(head, flush=True)
         print("  " + shlex.join(cmd), flush=True)
         start = time.time()
-        with open(log, "a", encoding="utf-8") as fh:
-            fh.write(f"\n$ {shlex.join(cmd)}\n")
+        with open(log, "ab") as fh:
+            fh.write(f"\n$ {shlex.join(cmd)}\n".encode())
             fh.flush()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # the command's output goes to its log and, unchanged, to the terminal (progress bars redraw in place)
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             assert proc.stdout is not None
-            for line in proc.stdout:
-                fh.write(line)
-                sys.stdout.write("    " + line)
+            while chunk := proc.stdout.read1(65536):
+                fh.write(chunk)
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
             rc = proc.wait()
         seconds = time.time() - start
         if rc != 0:
