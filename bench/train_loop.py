@@ -10,6 +10,9 @@ questions of 6..16 words, a third of the questions with an answer, a 9500-answer
 - ``trainer, W workers``: the whole ``train()`` loop with the same optimizer (``optim.name=adamw``), timed
   per step from its own ``metrics.jsonl`` (median of the steps after the warm-up): everything a run pays;
 - ``trainer, bert_adam``: the same with the original BERT-Adam (the default optimizer; fused kernel);
+- ``same process: bare step``: right after a trainer row, in its process and with its model, the bare step
+  (forward, loss, backward, clipping, optimizer) on one batch already in memory: the ratio trainer / this row
+  is the loop's overhead free of the noise between processes;
 - ``loader, W workers``: the DataLoader alone (reading the store, tokenising, masking, collating).
 
 The ratio trainer / bare step is the share of compute the loop keeps (goal on CPU: >= 0.9); the loader's
@@ -135,24 +138,52 @@ def make_config(args: argparse.Namespace, paths: dict[str, str], workers: int, o
 
 
 def run_trainer(args: argparse.Namespace, paths: dict[str, str], workers: int, optimizer: str) -> dict:
-    """One ``train()`` run of warm-up + timed steps; samples/s from its metrics.jsonl (median per step)."""
+    """One ``train()`` run of warm-up + timed steps; samples/s from its metrics.jsonl (median per step). Then, in
+    the same process with the same model, the bare step on one batch of the task already in memory (forward,
+    loss, backward, clipping, the optimizer): the loop's overhead without the noise between processes."""
     import logging
+    from contextlib import nullcontext
 
     from tasks import pretrain
-    from tasks.trainer import train
+    from tasks.optim import build_optimizer
+    from tasks.trainer import resolve_amp, to_device, train
 
     logging.basicConfig(level=logging.WARNING)
     config = make_config(args, paths, workers, optimizer)
+    task = pretrain.build(config)
+    torch.manual_seed(config.train.seed)
+    model = task.build_model(None)
     run_dir = Path(tempfile.mkdtemp(prefix="train_loop_"))
     try:
         t0 = time.perf_counter()
-        train(config, pretrain.build(config), run_dir, max_steps=args.warmup + args.steps)
+        train(config, task, run_dir, max_steps=args.warmup + args.steps, model=model)
         total = time.perf_counter() - t0
         lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     rates = sorted(r["samples_per_s"] for r in lines if r["split"] == "train" and r["step"] > args.warmup)
-    return {"samples_per_s": rates[len(rates) // 2], "wall_s": total}
+
+    device = torch.device(args.device)
+    data = task.train_dataset()
+    data.set_epoch(0)
+    batch = to_device(task.collate([data[i] for i in range(args.batch)]), device)
+    opt, _ = build_optimizer(model, config.optim, t_total=1000, device_type=device.type)
+    amp = resolve_amp(config.train.amp, device)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
+    times = []
+    for _ in range(args.warmup + args.steps):
+        t1 = time.perf_counter()
+        with autocast:
+            loss = task.step(model, batch, 0).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t1)
+    bare = sorted(times[args.warmup :])[len(times[args.warmup :]) // 2]
+    return {"samples_per_s": rates[len(rates) // 2], "bare_samples_per_s": args.batch / bare, "wall_s": total}
 
 
 def run_loader(args: argparse.Namespace, paths: dict[str, str], workers: int) -> dict:
@@ -323,6 +354,8 @@ def main() -> None:
             for w, optimizer in trainer_rows:
                 r = worker("trainer", str(w), optimizer)
                 record(f"trainer, {optimizer}, {w} workers", r["samples_per_s"] if r else None, round_index)
+                name = f"  same process: bare step, {optimizer}"
+                record(name, r["bare_samples_per_s"] if r else None, round_index)
         for w in [int(x) for x in args.loader_workers.split(",") if x]:
             r = worker("loader", str(w))
             record(f"loader alone, {w} workers", r["samples_per_s"] if r else None, 0)
@@ -340,6 +373,11 @@ def main() -> None:
         shown = f"{value:>10.2f}" if value is not None else f"{'-':>10}"
         ratio = f"{value / base:>12.2f}" if value is not None and base else f"{'-':>12}"
         print(f"{name:<36} {shown} {ratio}")
+    for name in [n for n in rows if n.startswith("  same process")]:
+        trainer_name = next(n for n in rows if n.startswith("trainer, " + name.rsplit(", ", 1)[1]))
+        if rows[name] and rows[trainer_name]:
+            print(f"trainer / bare step in the same process ({name.rsplit(', ', 1)[1]}): "
+                  f"{rows[trainer_name] / rows[name]:.2f}")  # fmt: skip
     print(
         "(trainer rows: median per-step samples/s of the whole loop after the warm-up, from its metrics.jsonl,"
         "\n best of the rounds; bare step: bench/model_step.py's median, best of the rounds;"
