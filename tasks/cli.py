@@ -22,7 +22,7 @@ from common.config import ConfigError, field_choices, field_default, load_config
 
 from . import gqa, nlvr2, predict, pretrain, vqa
 from .checkpointing import CheckpointError
-from .config import TrainConfig
+from .config import TrainConfig, TrainLoopConfig
 from .task import Task
 from .trainer import TrainingStopped, train
 
@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule still follows train.epochs, so --resume later continues the same run",
     )
     parser.add_argument(
+        "--amp",
+        choices=field_choices(TrainLoopConfig, "amp"),
+        help="mixed precision (same as train.amp=...; default: the config's, "
+        f"{field_default(TrainLoopConfig, 'amp')!r} = bf16 on CUDA and on CPUs with native bf16, else none)",
+    )
+    parser.add_argument(
         "--eval-only",
         action="store_true",
         help="evaluate --load on --data instead of training (fine-tuning tasks)",
@@ -92,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """The config file + overrides, with ``task`` from the command line (refused if the file names another)."""
-    config = load_config(TrainConfig, args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"train.amp={args.amp}"] if args.amp else [])
+    config = load_config(TrainConfig, args.config, overrides)
     if config.task != args.task and config.task != field_default(TrainConfig, "task"):
         raise ConfigError(
             f"{args.config}: task is {config.task!r}, but the command is `lxmert-train {args.task}`"

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.config import field_default
+from model.config import LxmertConfig
+
 TaskName = Literal["pretrain", "vqa", "gqa", "nlvr2"]
 AmpName = Literal["auto", "none", "bf16", "fp16"]
 
@@ -36,18 +39,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The network when training from scratch (``--load`` takes its config from the checkpoint instead)."""
+    """The network when training from scratch (``--load`` takes its config from the checkpoint instead);
+    the defaults are :class:`model.LxmertConfig`'s (the released 9/5/5 base model)."""
 
-    hidden_size: int = 768
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    l_layers: int = 9
-    r_layers: int = 5
-    x_layers: int = 5
-    visual_feat_dim: int = 2048
-    visual_pos_dim: int = 4
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
+    hidden_size: int = field_default(LxmertConfig, "hidden_size")
+    num_attention_heads: int = field_default(LxmertConfig, "num_attention_heads")
+    intermediate_size: int = field_default(LxmertConfig, "intermediate_size")
+    l_layers: int = field_default(LxmertConfig, "l_layers")
+    r_layers: int = field_default(LxmertConfig, "r_layers")
+    x_layers: int = field_default(LxmertConfig, "x_layers")
+    visual_feat_dim: int = field_default(LxmertConfig, "visual_feat_dim")
+    visual_pos_dim: int = field_default(LxmertConfig, "visual_pos_dim")
+    hidden_dropout_prob: float = field_default(LxmertConfig, "hidden_dropout_prob")
+    attention_probs_dropout_prob: float = field_default(LxmertConfig, "attention_probs_dropout_prob")
 
 
 @dataclass

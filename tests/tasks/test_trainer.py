@@ -196,6 +196,21 @@ def test_cli_config_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "r" / "checkpoints")
 
 
+def test_cli_amp_flag_sets_train_amp_and_refuses_other_values(tmp_path, capsys):
+    from tasks.cli import build_parser, resolve_config
+
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  amp: none\n")
+    args = build_parser().parse_intermixed_args(
+        ["pretrain", "--config", str(good), "--output", str(tmp_path / "r"), "--amp", "bf16", "optim.lr=1e-5"]
+    )
+    config = resolve_config(args)
+    assert config.train.amp == "bf16" and config.optim.lr == 1e-5
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_intermixed_args(["pretrain", "--output", "r", "--amp", "fp8"])
+    assert exc.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 def test_fp16_runs_with_a_grad_scaler_saved_and_resumed(tmp_path, cfg_factory):
     config = cfg_factory(epochs=1, amp="fp16")
     train(config, ToyTask(config), tmp_path / "run", max_steps=3)
