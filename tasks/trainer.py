@@ -463,7 +463,8 @@ def _validate(
 # Logs: tqdm, metrics.jsonl, TensorBoard, curves.png
 # --------------------------------------------------------------------------------------------------------------
 class RunLog:
-    """Rank 0's logs. Train lines every ``log_every`` steps (means over the window), valid lines per epoch.
+    """Rank 0's logs. Train lines every ``log_every`` steps and at the last step (means over the window), valid
+    lines per epoch.
 
     On resume ``metrics.jsonl`` is cut back to the checkpoint's step, so a resumed run's log reads as the
     uninterrupted run's would.
@@ -482,6 +483,7 @@ class RunLog:
         self.enabled = enabled
         self.global_batch = global_batch
         self.log_every = max(1, log_every)
+        self.t_total = t_total
         self.last_train_loss: float | None = None
         self._window: dict[str, list[float]] = {}
         self._t = time.perf_counter()
@@ -515,7 +517,7 @@ class RunLog:
         for k, v in values.items():
             self._window.setdefault(k, []).append(v)
         self._bar.update(1)
-        if step % self.log_every:
+        if step % self.log_every and step != self.t_total:  # the last step is always logged
             return
         elapsed = time.perf_counter() - self._t
         samples_per_s = self._window_steps * self.global_batch / max(elapsed, 1e-9)
