@@ -189,7 +189,7 @@ def build_report(run: Path, margin: float, examples: int) -> tuple[dict, bool]:
     )
 
     stages = {}
-    for mark in sorted((run / "stages").glob("*.done")):
+    for mark in sorted((run / "stages").glob("*.done"), key=lambda p: p.stat().st_mtime):  # in run order
         stages[mark.stem] = {"seconds": _load(mark).get("seconds")}
     meta = FeatureStore(run / "features.lmdb").metadata
     n_images = meta.get("count", 0)
