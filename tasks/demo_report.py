@@ -156,7 +156,7 @@ def _draw_examples(run: Path, data: Path, preds: dict[int, str], items: list[dic
         fig, ax = plt.subplots(figsize=(3.2, 3.6), dpi=100)
         ax.imshow(Image.open(img_path).convert("RGB"))
         for x1, y1, x2, y2 in rec["boxes"][:10]:
-            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=0.6, color="yellow"))
+            ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, lw=1.0, color="red"))
         truth = max(it["label"].items(), key=lambda kv: kv[1])[0]
         pred = preds.get(it["question_id"], "?")
         ax.set_title(f"{it['sent']}\npred: {pred} | true: {truth}", fontsize=7)
