@@ -17,6 +17,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from common.config import field_choices, field_default
 from extract.config import ExtractConfig, default_batch_size
@@ -50,32 +51,11 @@ def _boxes_default() -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (also used for ``--help``); choices and defaults come from :class:`ExtractConfig`
-    (and :class:`BoxSelection`), never restated here."""
-    p = argparse.ArgumentParser(
-        prog="extract-features",
-        usage="extract-features IMAGES_DIR OUT.lmdb (--weights FILE | --random-weights) [options]\n"
-        "       extract-features --list FILE [IMAGES_DIR] OUT.lmdb (--weights FILE | --random-weights) [options]",
-        description="Extract LXMERT's Visual Genome Faster R-CNN region features from images into an LMDB store. "
-        "Resumable (run the same command again), shardable with torchrun (all ranks write the same store).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "paths",
-        nargs="+",
-        metavar="PATH",
-        help="images folder (walked recursively; jpg/jpeg/png/bmp/webp) and the output store; with --list, "
-        "IMAGES_DIR is optional and is the base of relative entries",
-    )
-    p.add_argument("--list", dest="list_file", metavar="FILE", help="text file of image paths, one per line")
-    p.add_argument(
-        "--id-from",
-        choices=field_choices(ExtractConfig, "id_from"),
-        default=_default("id_from"),
-        help="image id: file name without extension, or the path relative to IMAGES_DIR without extension",
-    )
-    g = p.add_argument_group("detector")
+def add_detector_arguments(detector: argparse._ArgumentGroup, images: argparse._ArgumentGroup) -> None:
+    """The detector's flags (``--weights``, ``--random-weights``, ``--config``, ``--opts``, the box selection)
+    and the image-size flags, shared by ``extract-features`` and ``lxmert-answer``; read back with
+    :func:`detector_config_from_args`."""
+    g = detector
     g.add_argument(
         "--weights",
         metavar="FILE",
@@ -108,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=field_default(BoxSelection, "nms_thresh"),
         help="NMS IoU threshold of the selection",
     )
-    g = p.add_argument_group("images")
+    g = images
     g.add_argument(
         "--min-size",
         type=_positive_int,
@@ -127,6 +107,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=_default("max_pixels"),
         help="refuse images with more pixels (w*h)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used for ``--help``); choices and defaults come from :class:`ExtractConfig`
+    (and :class:`BoxSelection`), never restated here."""
+    p = argparse.ArgumentParser(
+        prog="extract-features",
+        usage="extract-features IMAGES_DIR OUT.lmdb (--weights FILE | --random-weights) [options]\n"
+        "       extract-features --list FILE [IMAGES_DIR] OUT.lmdb (--weights FILE | --random-weights) [options]",
+        description="Extract LXMERT's Visual Genome Faster R-CNN region features from images into an LMDB store. "
+        "Resumable (run the same command again), shardable with torchrun (all ranks write the same store).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="images folder (walked recursively; jpg/jpeg/png/bmp/webp) and the output store; with --list, "
+        "IMAGES_DIR is optional and is the base of relative entries",
+    )
+    p.add_argument("--list", dest="list_file", metavar="FILE", help="text file of image paths, one per line")
+    p.add_argument(
+        "--id-from",
+        choices=field_choices(ExtractConfig, "id_from"),
+        default=_default("id_from"),
+        help="image id: file name without extension, or the path relative to IMAGES_DIR without extension",
+    )
+    add_detector_arguments(p.add_argument_group("detector"), p.add_argument_group("images"))
     g = p.add_argument_group("execution")
     g.add_argument(
         "--workers",
@@ -158,6 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def detector_config_from_args(args: argparse.Namespace, **settings: Any) -> ExtractConfig:
+    """An :class:`ExtractConfig` from the flags of :func:`add_detector_arguments`, plus ``settings`` (the other
+    fields, e.g. ``out``, ``device``)."""
+    selection = BoxSelection.from_spec(
+        args.boxes, rule=args.selection, conf_thresh=args.conf_thresh, nms_thresh=args.nms_thresh
+    )
+    return ExtractConfig(
+        weights=None if args.random_weights else args.weights,
+        random_weights=args.random_weights,
+        config=args.config,
+        opts=list(args.opts),
+        selection=selection,
+        min_size=args.min_size,
+        max_size=args.max_size,
+        max_pixels=args.max_pixels,
+        **settings,
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, str | None]:
     """(ExtractConfig, images_dir or None) from parsed arguments; ValueError with a message when invalid."""
     if args.list_file is not None:
@@ -173,19 +200,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[ExtractConfig, str | Non
         raise ValueError(
             "--weights FILE is required (e.g. faster_rcnn_from_caffe_attr.pkl), or --random-weights"
         )
-    selection = BoxSelection.from_spec(
-        args.boxes, rule=args.selection, conf_thresh=args.conf_thresh, nms_thresh=args.nms_thresh
-    )
-    config = ExtractConfig(
+    config = detector_config_from_args(
+        args,
         out=out,
-        weights=None if args.random_weights else args.weights,
-        random_weights=args.random_weights,
-        config=args.config,
-        opts=list(args.opts),
-        selection=selection,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        max_pixels=args.max_pixels,
         id_from=args.id_from,
         workers=args.workers,
         batch_size=args.batch_size,

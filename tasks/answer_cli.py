@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from common.config import field_choices, field_default
 from common.cpu import cpu_autocast_warning, tune_cpu_allocator
+from extract.cli import add_detector_arguments, detector_config_from_args
 from extract.config import AMP_DTYPES, ExtractConfig
-from extract.selection import BoxSelection
 from tasks.answerer import (
     Answerer,
     AnswerInputError,
@@ -50,11 +50,6 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2
 def _default(name: str) -> Any:
     """A detector setting's default: :class:`extract.config.ExtractConfig`'s (one place, as extract-features)."""
     return field_default(ExtractConfig, name)
-
-
-def _boxes_default() -> str:
-    lo, hi = field_default(BoxSelection, "min_boxes"), field_default(BoxSelection, "max_boxes")
-    return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
 @dataclass
@@ -135,34 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--answers", metavar="FILE", help="answer table (label2ans.json) for a model that carries none"
     )
     g.add_argument("--top-k", type=int, default=5, help="answers shown per question")
-    g = p.add_argument_group("detector (as extract-features)")
-    g.add_argument("--weights", metavar="FILE", help="detector weights (faster_rcnn_from_caffe_attr.pkl)")
-    g.add_argument("--random-weights", action="store_true", help="an untrained detector (tests, timing)")
-    g.add_argument("--config", default=_default("config"), help="vg_r101_c4 | vg_tiny | path/to/config.yaml")
-    g.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="Detectron2 config overrides")
-    g.add_argument(
-        "--selection",
-        choices=field_choices(BoxSelection, "rule"),
-        default=field_default(BoxSelection, "rule"),
-        help="box selection rule",
-    )
-    g.add_argument("--boxes", default=_boxes_default(), help="regions per image: N, or MIN-MAX")
-    g.add_argument(
-        "--conf-thresh",
-        type=float,
-        default=field_default(BoxSelection, "conf_thresh"),
-        help="caffe rule threshold",
-    )
-    g.add_argument(
-        "--nms-thresh",
-        type=float,
-        default=field_default(BoxSelection, "nms_thresh"),
-        help="NMS IoU threshold",
-    )
-    g.add_argument("--min-size", type=int, default=_default("min_size"), help="shortest side after resizing")
-    g.add_argument("--max-size", type=int, default=_default("max_size"), help="cap on the longest side")
-    g.add_argument(
-        "--max-pixels", type=int, default=_default("max_pixels"), help="refuse images with more pixels (w*h)"
+    add_detector_arguments(
+        p.add_argument_group("detector (as extract-features)"),
+        p.add_argument_group("images (as extract-features)"),
     )
     g = p.add_argument_group("output and execution")
     g.add_argument("--json", action="store_true", help="one JSON object per question instead of text")
@@ -184,22 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extract_config(args: argparse.Namespace) -> ExtractConfig:
-    selection = BoxSelection.from_spec(
-        args.boxes, rule=args.selection, conf_thresh=args.conf_thresh, nms_thresh=args.nms_thresh
-    )
-    return ExtractConfig(
-        out="",
-        weights=None if args.random_weights else args.weights,
-        random_weights=args.random_weights,
-        config=args.config,
-        opts=list(args.opts),
-        selection=selection,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        max_pixels=args.max_pixels,
-        device=args.device,
-        amp=args.amp,
-    )
+    return detector_config_from_args(args, out="", device=args.device, amp=args.amp)
 
 
 def _error(message: str) -> None:
