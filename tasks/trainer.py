@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from common.config import ConfigError, save_config
+from common.config import ConfigError, config_to_dict, load_config, save_config
 from common.cpu import cpu_autocast_is_fast, cpu_autocast_warning, tune_cpu_allocator
 from common.distributed import DistContext, resolve_device
 
@@ -102,6 +102,7 @@ def train(
             "--output (a new run would overwrite them)"
         )
     if resume:
+        check_same_run(config, run_dir / "config.yaml")
         resume_dir = ckpt.find_resume_checkpoint(run_dir)
         state = ckpt.load_trainer_state(resume_dir)
         if load is None:
@@ -461,6 +462,37 @@ def _validate(
 
 # --------------------------------------------------------------------------------------------------------------
 # Logs: tqdm, metrics.jsonl, TensorBoard, curves.png
+#: Settings that define a run: ``--resume`` with other values would not continue the same run.
+RUN_DEFINING = (
+    "task",
+    "data.train",
+    "data.batch_size",
+    "train.seed",
+    "train.epochs",
+    "optim.name",
+    "optim.lr",
+    "optim.warmup",
+)
+
+
+def check_same_run(config: Any, saved_path: Path) -> None:
+    """Refuse ``--resume`` when a run-defining setting differs from the run's saved ``config.yaml``
+    (ConfigError naming the key and both values); other settings (workers, log_every, ...) may change."""
+    if not saved_path.exists():
+        return
+    saved = config_to_dict(load_config(type(config), saved_path))
+    given = config_to_dict(config)
+    for key in RUN_DEFINING:
+        a, b = saved, given
+        for part in key.split("."):
+            a, b = a[part], b[part]
+        if a != b:
+            raise ConfigError(
+                f"{saved_path}: the run was started with {key}={a!r}; --resume with {key}={b!r} would not continue "
+                "the same run (drop that override, or start a new run with another --output)"
+            )
+
+
 # --------------------------------------------------------------------------------------------------------------
 class RunLog:
     """Rank 0's logs. Train lines every ``log_every`` steps and at the last step (means over the window), valid

@@ -4,6 +4,7 @@ the sampler, and the CLI's config errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -98,6 +99,19 @@ def test_max_steps_then_resume_equals_uninterrupted(tmp_path, cfg_factory):
     # the resumed run's log reads as the uninterrupted one's
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
+
+
+def test_resume_refuses_changed_run_defining_settings(tmp_path, cfg_factory):
+    config = cfg_factory(epochs=2)
+    train(config, ToyTask(config), tmp_path / "run", max_steps=2)
+    changed = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, batch_size=config.data.batch_size * 2)
+    )
+    with pytest.raises(ConfigError, match=r"started with data\.batch_size=.*--resume with data\.batch_size="):
+        train(changed, ToyTask(changed), tmp_path / "run", resume=True)
+    # a setting that does not define the run (how often to log) may change
+    relogged = dataclasses.replace(config, train=dataclasses.replace(config.train, log_every=3))
+    assert train(relogged, ToyTask(relogged), tmp_path / "run", resume=True)["completed"]
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(tmp_path, cfg_factory, caplog):
