@@ -25,15 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import LxmertForNLVR2, LxmertTokenizer, read_checkpoint
+from model import LxmertForNLVR2, read_checkpoint
 from model.checkpoint import build_from_state_dict, to_hf_state_dict
 from tasks.config import TrainConfig
 from tasks.features import RegionFeatures, collate_regions
 from tasks.metrics.nlvr2 import evaluate_nlvr2, parse_examples
 from tasks.qa import (
     TaskDataError,
+    TextItemsDataset,
     check_annotations,
-    encode_text,
     feature_extras,
     keep_found_images,
     model_inputs,
@@ -102,29 +102,13 @@ def load_pair_items(paths: Sequence[str | Path]) -> list[PairItem]:
     return items
 
 
-class PairDataset(torch.utils.data.Dataset):
+class PairDataset(TextItemsDataset):
     """NLVR2 examples over the feature stores. Item ``i``: text ``(L,)`` tensors, ``regions`` (the two images'
     :class:`tasks.features.Regions`), ``label`` (int, -100 when unknown), ``index``. Deterministic."""
 
-    def __init__(self, items: list[PairItem], features: RegionFeatures, max_seq_length: int) -> None:
-        self.items = items
-        self.features = features
-        self.max_seq_length = max_seq_length
-        self.tokenizer = LxmertTokenizer(max_length=max_seq_length)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    @property
-    def has_labels(self) -> bool:
-        return any(item.label is not None for item in self.items)
-
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        out: dict[str, Any] = encode_text(self.tokenizer, item.sent, self.max_seq_length)
+        out = self.encode(index)
         out.update(
             regions=(self.features[item.img0], self.features[item.img1]),
             label=-100 if item.label is None else item.label,

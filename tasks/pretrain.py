@@ -25,6 +25,7 @@ sentences against the original question's label, which understates it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -169,18 +170,9 @@ class PretrainTask:
     # -- the model ------------------------------------------------------------------------------------
     def model_config(self) -> LxmertConfig:
         """The network for training from scratch (``config.model``, the enabled heads, the data's sizes)."""
-        mc = self.config.model
+        # ModelConfig's fields are LxmertConfig fields of the same names (and defaults)
         return LxmertConfig(
-            hidden_size=mc.hidden_size,
-            num_attention_heads=mc.num_attention_heads,
-            intermediate_size=mc.intermediate_size,
-            l_layers=mc.l_layers,
-            r_layers=mc.r_layers,
-            x_layers=mc.x_layers,
-            visual_feat_dim=mc.visual_feat_dim,
-            visual_pos_dim=mc.visual_pos_dim,
-            hidden_dropout_prob=mc.hidden_dropout_prob,
-            attention_probs_dropout_prob=mc.attention_probs_dropout_prob,
+            **dataclasses.asdict(self.config.model),
             vocab_size=self.tokenizer.vocab_size,
             **self._head_fields(),
         )

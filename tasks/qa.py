@@ -215,27 +215,14 @@ def encode_text(tokenizer: LxmertTokenizer, sent: str, max_seq_length: int) -> d
     return {k: torch.tensor(v[0], dtype=torch.long) for k, v in enc.items()}
 
 
-class QADataset(torch.utils.data.Dataset):
-    """Questions over the feature stores. Item ``i``: ``input_ids`` / ``attention_mask`` / ``token_type_ids``
-    ``(L,)``, ``regions`` (:class:`tasks.features.Regions`: features ``(n, D)`` float32, boxes ``(n, 4)``
-    x1, y1, x2, y2 divided by the image width / height), ``target`` ``(A,)`` soft scores, ``index`` (position in
-    :attr:`items`).
+class TextItemsDataset(torch.utils.data.Dataset):
+    """Items with a sentence over the feature stores (the fine-tuning datasets' shared part): ``items``
+    (each with ``sent`` and ``label``), the stores, the tokenizer. Deterministic (no random draws):
+    :meth:`set_epoch` is a no-op kept for the trainer's contract."""
 
-    Deterministic (no random draws): :meth:`set_epoch` is a no-op kept for the trainer's contract.
-    """
-
-    def __init__(
-        self,
-        items: list[QAItem],
-        features: RegionFeatures,
-        ans2label: dict[str, int],
-        num_answers: int,
-        max_seq_length: int,
-    ) -> None:
+    def __init__(self, items: list[Any], features: RegionFeatures, max_seq_length: int) -> None:
         self.items = items
         self.features = features
-        self.ans2label = ans2label
-        self.num_answers = num_answers
         self.max_seq_length = max_seq_length
         self.tokenizer = LxmertTokenizer(max_length=max_seq_length)
 
@@ -249,9 +236,34 @@ class QADataset(torch.utils.data.Dataset):
     def has_labels(self) -> bool:
         return any(item.label is not None for item in self.items)
 
+    def encode(self, index: int) -> dict[str, Any]:
+        """Item ``index``'s text: ``input_ids`` / ``attention_mask`` / ``token_type_ids`` ``(L,)``."""
+        return encode_text(self.tokenizer, self.items[index].sent, self.max_seq_length)
+
+
+class QADataset(TextItemsDataset):
+    """Questions over the feature stores. Item ``i``: ``input_ids`` / ``attention_mask`` / ``token_type_ids``
+    ``(L,)``, ``regions`` (:class:`tasks.features.Regions`: features ``(n, D)`` float32, boxes ``(n, 4)``
+    x1, y1, x2, y2 divided by the image width / height), ``target`` ``(A,)`` soft scores, ``index`` (position in
+    :attr:`items`).
+
+    """
+
+    def __init__(
+        self,
+        items: list[QAItem],
+        features: RegionFeatures,
+        ans2label: dict[str, int],
+        num_answers: int,
+        max_seq_length: int,
+    ) -> None:
+        super().__init__(items, features, max_seq_length)
+        self.ans2label = ans2label
+        self.num_answers = num_answers
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        out: dict[str, Any] = encode_text(self.tokenizer, item.sent, self.max_seq_length)
+        out = self.encode(index)
         out.update(
             regions=self.features[item.img_id],
             target=soft_target(item.label, self.ans2label, self.num_answers),
