@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from region_labels import random_labels
 
 from extract.store import FeatureWriter
 from tasks.config import TrainConfig
@@ -55,10 +56,7 @@ def write_store(
                 {
                     "features": feats,
                     "boxes": np.stack([x1, x1, x1 + 40, x1 + 30], 1).astype(np.float32),
-                    "obj_ids": rng.integers(0, 1600, n),
-                    "obj_conf": rng.uniform(0, 1, n).astype(np.float32),
-                    "attr_ids": rng.integers(0, 400, n),
-                    "attr_conf": rng.uniform(0, 1, n).astype(np.float32),
+                    **random_labels(rng, n),
                     "img_h": 100,
                     "img_w": 120,
                 },

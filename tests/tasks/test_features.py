@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from region_labels import random_labels
 
 from extract.store import FeatureWriter
 from tasks.features import (
@@ -30,10 +31,7 @@ def make_record(seed: int, n: int = 5, dim: int = DIM, img_h: int = 200, img_w: 
     return {
         "features": rng.normal(3.0, 2.0, (n, dim)).astype(np.float32),
         "boxes": np.stack([x1, y1, x1 + img_w / 2, y1 + img_h / 2], 1).astype(np.float32),
-        "obj_ids": rng.integers(0, 1600, n),
-        "obj_conf": rng.uniform(0, 1, n).astype(np.float32),
-        "attr_ids": rng.integers(0, 400, n),
-        "attr_conf": rng.uniform(0, 1, n).astype(np.float32),
+        **random_labels(rng, n),
         "img_h": img_h,
         "img_w": img_w,
     }

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from region_labels import random_labels
 from torch.utils.data import DataLoader
 
 from common.config import load_config
@@ -46,10 +47,7 @@ def write_store(path: Path, ids: list[str], n: int = 6, extractor: dict | None =
                 {
                     "features": rng.normal(1.0, 1.0, (n, DIM)).astype(np.float32),
                     "boxes": np.tile(np.array([[10, 20, 60, 80]], np.float32), (n, 1)),
-                    "obj_ids": rng.integers(0, 1600, n),
-                    "obj_conf": rng.uniform(0.1, 1, n).astype(np.float32),
-                    "attr_ids": rng.integers(0, 400, n),
-                    "attr_conf": rng.uniform(0.1, 1, n).astype(np.float32),
+                    **random_labels(rng, n, conf_low=0.1),
                     "img_h": 100,
                     "img_w": 200,
                 },

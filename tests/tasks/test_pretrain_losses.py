@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from region_labels import random_labels
 from torch.utils.data import DataLoader
 
 from common.config import load_config
@@ -55,10 +56,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
                 {
                     "features": rng.normal(0.0, 1.0, (6, DIM)).astype(np.float32),
                     "boxes": np.concatenate([xy, xy + rng.uniform(10, 100, (6, 2))], 1).astype(np.float32),
-                    "obj_ids": rng.integers(0, 1600, 6),
-                    "obj_conf": rng.uniform(0.1, 1, 6).astype(np.float32),
-                    "attr_ids": rng.integers(0, 400, 6),
-                    "attr_conf": rng.uniform(0.1, 1, 6).astype(np.float32),
+                    **random_labels(rng, 6, conf_low=0.1),
                     "img_h": 200,
                     "img_w": 200,
                 },

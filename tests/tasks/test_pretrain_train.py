@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from region_labels import random_labels
 from safetensors.torch import load_file
 
 from common.config import load_config
@@ -44,10 +45,7 @@ def config_for(tmp_path: Path):
                 {
                     "features": rng.normal(0.0, 1.0, (5, DIM)).astype(np.float32),
                     "boxes": np.concatenate([xy, xy + 50], 1).astype(np.float32),
-                    "obj_ids": rng.integers(0, 1600, 5),
-                    "obj_conf": rng.uniform(0.1, 1, 5).astype(np.float32),
-                    "attr_ids": rng.integers(0, 400, 5),
-                    "attr_conf": rng.uniform(0.1, 1, 5).astype(np.float32),
+                    **random_labels(rng, 5, conf_low=0.1),
                     "img_h": 200,
                     "img_w": 200,
                 },

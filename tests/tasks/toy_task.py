@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from region_labels import random_labels
 
 from extract.store import FeatureWriter
 from model import LxmertConfig, LxmertForPreTraining
@@ -59,10 +60,7 @@ def write_tiny_store(path: Path, n_images: int = 8, seed: int = 0) -> list[str]:
                 {
                     "features": rng.normal(0, 1, (REGIONS, DIM)).astype(np.float32),
                     "boxes": np.stack([x1, y1, x1 + 200, y1 + 100], 1).astype(np.float32),
-                    "obj_ids": rng.integers(0, 1600, REGIONS),
-                    "obj_conf": rng.uniform(0, 1, REGIONS).astype(np.float32),
-                    "attr_ids": rng.integers(0, 400, REGIONS),
-                    "attr_conf": rng.uniform(0, 1, REGIONS).astype(np.float32),
+                    **random_labels(rng, REGIONS),
                     "img_h": 200,
                     "img_w": 400,
                 },
