@@ -3,7 +3,7 @@ pretraining loader alone per number of workers.
 
 A generated pretraining set (``--images`` images of 36 regions x 2048 features in an LMDB store, captions and
 questions of 6..16 words, a third of the questions with an answer, a 9500-answer table) feeds
-``lxmert-train pretrain``'s task through :func:`tasks.trainer.train` at the full model size (9/5/5, hidden
+``lxmert-train pretrain``'s task through :func:`tasks.engine.trainer.train` at the full model size (9/5/5, hidden
 768) and ``bench/model_step.py``'s batch. Rows:
 
 - ``bare step``: ``bench/model_step.py --impls ours`` (random tensors already in memory, fused AdamW);
@@ -145,8 +145,8 @@ def run_trainer(args: argparse.Namespace, paths: dict[str, str], workers: int, o
     from contextlib import nullcontext
 
     from tasks import pretrain
-    from tasks.optim import build_optimizer
-    from tasks.trainer import resolve_amp, to_device, train
+    from tasks.engine.optim import build_optimizer
+    from tasks.engine.trainer import resolve_amp, to_device, train
 
     logging.basicConfig(level=logging.WARNING)
     config = make_config(args, paths, workers, optimizer)
@@ -191,7 +191,7 @@ def run_loader(args: argparse.Namespace, paths: dict[str, str], workers: int) ->
     from torch.utils.data import DataLoader
 
     from tasks import pretrain
-    from tasks.trainer import GlobalBatchSampler
+    from tasks.engine.trainer import GlobalBatchSampler
 
     config = make_config(args, paths, workers, "adamw")
     task = pretrain.build(config)
@@ -215,7 +215,7 @@ def run_optimizers(args: argparse.Namespace) -> dict:
     """Milliseconds per optimizer step on the model's parameters (random gradients): BERT-Adam (multi-tensor)
     against torch's AdamW, fused and foreach."""
     from model import LxmertConfig, LxmertForPreTraining
-    from tasks.optim import BertAdam, FusedBertAdam
+    from tasks.engine.optim import BertAdam, FusedBertAdam
 
     sizes = dict(
         hidden_size=64, num_attention_heads=2, intermediate_size=128, l_layers=2, r_layers=1, x_layers=1

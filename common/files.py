@@ -6,10 +6,11 @@ one, never half of one; a write that fails leaves the old file as it was and no 
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
-__all__ = ["write_text_atomic"]
+__all__ = ["copy_file_atomic", "write_text_atomic"]
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
@@ -33,3 +34,17 @@ def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def copy_file_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy ``src`` to ``dst`` atomically (the same temporary-file-then-rename as :func:`write_text_atomic`)."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst

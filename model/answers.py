@@ -3,7 +3,7 @@
 Fine-tuning VQA / GQA starts from the pretrained QA head: for each answer of the task table the row of the
 9500-way head is copied when the answer is in the pretraining table; other rows start at zero (as the original
 code does), and the hidden layers of the head are copied whole. Answers are matched exactly, so pass the task's
-answers normalised the way the pretraining table was built (``tasks.answer_table.normalize_answer``): the
+answers normalised the way the pretraining table was built (``tasks.data.answer_table.normalize_answer``): the
 original matches ``convert_ans(label2ans[i])`` against the (already normalised) 9500 answers.
 """
 

@@ -49,6 +49,7 @@ from .execution import (
     self_attention,
     warn_if_slow_cpu_autocast,
 )
+from .losses import masked_mean_cross_entropy, soft_score_bce
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -849,13 +850,6 @@ class LxmertModel(LxmertPreTrainedModel):
 _POOLED_ONLY = torch.empty(0, dtype=torch.long)
 
 
-def _masked_mean_ce(logits: Tensor, target: Tensor) -> Tensor:
-    """Mean cross-entropy over targets != -100 (0 when there are none, where torch gives NaN)."""
-    total = F.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
-    count = (target != -100).sum().clamp(min=1)
-    return total / count
-
-
 class LxmertForPreTraining(LxmertPreTrainedModel):
     """LXMERT with its pretraining heads: MLM, cross-modality matching, masked-object (obj / attr / feat), QA."""
 
@@ -947,17 +941,19 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         # Masked LM: the vocabulary projection only where a label asks for it, unless full logits are wanted.
         if masked_index is not None:
             prediction_logits = mlm_head(out.language_rows_output, tied)
-            losses["mlm"] = _masked_mean_ce(prediction_logits, flat_labels.index_select(0, masked_index))
+            losses["mlm"] = masked_mean_cross_entropy(
+                prediction_logits, flat_labels.index_select(0, masked_index)
+            )
         else:
             prediction_logits = mlm_head(out.language_output)
             if use_labels:
-                losses["mlm"] = _masked_mean_ce(
+                losses["mlm"] = masked_mean_cross_entropy(
                     prediction_logits.reshape(-1, config.vocab_size), labels.reshape(-1)
                 )
 
         match_score = self.cls.seq_relationship(pooled)
         if matched_label is not None and config.task_matched:
-            losses["matched"] = _masked_mean_ce(match_score.view(-1, 2), matched_label.reshape(-1))
+            losses["matched"] = masked_mean_cross_entropy(match_score.view(-1, 2), matched_label.reshape(-1))
 
         if obj_labels is not None and config.task_obj_predict:
             losses.update(self._visual_losses(visn, obj_labels))
@@ -965,7 +961,9 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         if config.task_qa:
             answer_score = self.answer_head(pooled)
             if ans is not None:
-                losses["qa"] = _masked_mean_ce(answer_score.view(-1, config.num_qa_labels), ans.reshape(-1))
+                losses["qa"] = masked_mean_cross_entropy(
+                    answer_score.view(-1, config.num_qa_labels), ans.reshape(-1)
+                )
         else:
             answer_score = pooled[0][0]
 
@@ -1074,7 +1072,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
                         f"LxmertForQuestionAnswering: soft labels {tuple(labels.shape)} do not match the scores "
                         f"{tuple(score.shape)}; give (B, num_qa_labels={num}) scores or (B,) indices"
                     )
-                loss = F.binary_cross_entropy_with_logits(score.float(), labels.float()) * num
+                loss = soft_score_bce(score, labels)
             else:
                 loss = F.cross_entropy(score.view(-1, num).float(), labels.reshape(-1))
         result = LxmertForQuestionAnsweringOutput(
@@ -1138,6 +1136,6 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         )
         pooled = out.pooled_output.reshape(b, -1)
         logits = self.answer_head(pooled)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels.reshape(-1))
+        loss = None if labels is None else masked_mean_cross_entropy(logits, labels.reshape(-1))
         result = LxmertForNLVR2Output(loss=loss, logits=logits, pooled_output=pooled)
         return result.to_tuple() if return_dict is False else result

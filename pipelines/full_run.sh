@@ -10,10 +10,10 @@
 # Finished stages are skipped and partial ones resume when the command runs again; each stage's log is
 # RUN/logs/<stage>.log. Demo knobs (environment): WEIGHTS=faster_rcnn_from_caffe_attr.pkl (real detector
 # weights; without it the detector has random weights), CONFIG (detector config), DEVICE=cpu|cuda.
-# Everything else: python -m tasks.full_run --help.
+# Everything else: python -m pipelines.full_run --help.
 set -Eeuo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 trap 'rc=$?; echo "[full_run] FAILED during environment set-up (exit ${rc})" >&2; exit $rc' ERR
 bash "$ROOT/pipelines/setup_env.sh"
 trap - ERR
-exec "$ROOT/.venv/bin/python" -m tasks.full_run "$@"
+exec "$ROOT/.venv/bin/python" -m pipelines.full_run "$@"

@@ -16,30 +16,13 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Callable
 
 from common.config import ConfigError, field_choices, field_default, load_config
-
-from . import gqa, nlvr2, predict, pretrain, vqa
-from .checkpointing import CheckpointError
-from .config import TrainConfig, TrainLoopConfig
-from .task import Task
-from .trainer import TrainingStopped, train
-
-#: Task name -> its module's ``build(config) -> Task``. Fine-tuning tasks register here.
-BUILDERS: dict[str, Callable[[TrainConfig], Task]] = {
-    "pretrain": pretrain.build,
-    "vqa": vqa.build,
-    "gqa": gqa.build,
-    "nlvr2": nlvr2.build,
-}
-#: Task name -> ``evaluate(config, args) -> exit status`` for ``--eval-only`` (``args.load``, ``args.data``,
-#: ``args.annotations``, ``args.output``); tasks with an evaluation-only path register here.
-EVALUATORS: dict[str, Callable[[TrainConfig, argparse.Namespace], int]] = {
-    name: predict.eval_only_command for name in ("vqa", "gqa", "nlvr2")
-}
-
-TASKS = field_choices(TrainConfig, "task")
+from tasks.config import TrainConfig, TrainLoopConfig
+from tasks.engine.checkpointing import CheckpointError, find_resume_checkpoint, load_trainer_state
+from tasks.engine.trainer import TrainingStopped, train
+from tasks.finetune.evaluate import run_config_beside, run_eval_only, summary_lines
+from tasks.registry import FINETUNE_TASKS, TASKS, build_task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain or fine-tune LXMERT on region features from LMDB feature stores "
         "(one process, or one per device under torchrun).",
     )
-    parser.add_argument("task", choices=TASKS, help="which task to train")
+    parser.add_argument("task", choices=field_choices(TrainConfig, "task"), help="which task to train")
     parser.add_argument(
         "--config",
         metavar="CONFIG.yaml",
@@ -97,14 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
-    """The config file + overrides, with ``task`` from the command line (refused if the file names another)."""
+    """The config file + overrides (``--amp`` among them), with ``task`` from the command line (refused if the
+    file names another). ``--eval-only`` without ``--config``: the run's own ``config.yaml`` beside ``--load``."""
     overrides = list(args.overrides) + ([f"train.amp={args.amp}"] if args.amp else [])
-    config = load_config(TrainConfig, args.config, overrides)
+    path = args.config
+    if path is None and args.eval_only and args.load:
+        path = run_config_beside(args.load)
+    config = load_config(TrainConfig, path, overrides)
     if config.task != args.task and config.task != field_default(TrainConfig, "task"):
-        raise ConfigError(
-            f"{args.config}: task is {config.task!r}, but the command is `lxmert-train {args.task}`"
-        )
+        raise ConfigError(f"{path}: task is {config.task!r}, but the command is `lxmert-train {args.task}`")
     return dataclasses.replace(config, task=args.task)
+
+
+def starting_load(args: argparse.Namespace) -> str | None:
+    """``--load``, or with ``--resume`` the ``--load`` the run was started with."""
+    if args.load or not args.resume:
+        return args.load
+    try:
+        return load_trainer_state(find_resume_checkpoint(args.output)).get("load")
+    except CheckpointError:
+        return None  # the trainer says what is wrong
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,51 +107,84 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is None and not args.eval_only:
         print("lxmert-train: error: --config is required for training", file=sys.stderr)
         return 2
+    if args.max_steps is not None and args.max_steps < 1:
+        print("lxmert-train: error: --max-steps must be >= 1", file=sys.stderr)
+        return 2
+    if args.task not in TASKS:
+        print(
+            f"lxmert-train: error: the task {args.task!r} is not available in this install", file=sys.stderr
+        )
+        return 2
+    if args.eval_only:
+        return eval_only(args)
     try:
         config = resolve_config(args)
     except ConfigError as err:
         print(f"lxmert-train: error: {err}", file=sys.stderr)
         return 2
-    build = BUILDERS.get(args.task)
-    if build is None:
-        print(
-            f"lxmert-train: error: the task {args.task!r} is not available in this install", file=sys.stderr
-        )
-        return 2
-    if args.max_steps is not None and args.max_steps < 1:
-        print("lxmert-train: error: --max-steps must be >= 1", file=sys.stderr)
-        return 2
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    if args.eval_only:
-        evaluate = EVALUATORS.get(args.task)
-        if evaluate is None:
-            print(f"lxmert-train: error: {args.task} has no --eval-only path", file=sys.stderr)
-            return 2
-        return evaluate(config, args)
+    _setup_logging()
     try:
-        task = build(config)
-        summary = train(
-            config, task, args.output, load=args.load, resume=args.resume, max_steps=args.max_steps
-        )
+        load = starting_load(args)
+        task = build_task(config, load)
+        summary = train(config, task, args.output, load=load, resume=args.resume, max_steps=args.max_steps)
     except ConfigError as err:
         print(f"lxmert-train: error: {err}", file=sys.stderr)
         return 2
     except (TrainingStopped, CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"lxmert-train {args.task}: {err}", file=sys.stderr)
         return 1
-    if is_main:
-        valid = ", ".join(f"{k} {v:.4f}" for k, v in summary["valid"].items() if isinstance(v, (int, float)))
-        print(
-            f"lxmert-train {args.task}: {'done' if summary['completed'] else 'stopped'} at step {summary['step']}"
-            f"/{summary['t_total']} ({summary['epochs_done']} epochs) in {summary['seconds']:.0f} s; last train loss "
-            f"{summary['train_loss']:.4f}" + (f"; valid: {valid}" if valid else "")
-            + (f"; {summary['bad_steps']} steps skipped (non-finite loss)" if summary["bad_steps"] else "")
-            + f"\n  model: {summary['final']}" + (f"\n  best:  {summary['best']}" if summary["best"] else "")
-        )  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_summary_text(args.task, summary))
     return 0
+
+
+def eval_only(args: argparse.Namespace) -> int:
+    """``lxmert-train TASK --eval-only``: predict and score ``--data`` with ``--load``; prints the result; returns
+    the exit status (2: bad arguments, 1: the evaluation failed)."""
+    prog = f"lxmert-train {args.task} --eval-only"
+    if args.task not in FINETUNE_TASKS:
+        print(f"lxmert-train: error: {args.task} has no --eval-only path", file=sys.stderr)
+        return 2
+    missing = [flag for flag, value in (("--load", args.load), ("--data", args.data)) if not value]
+    if missing:
+        print(
+            f"{prog}: error: {' and '.join(missing)} required (the model folder and the split's JSON)",
+            file=sys.stderr,
+        )
+        return 2
+    _setup_logging()
+    try:
+        config = resolve_config(args)
+    except ConfigError as err:
+        print(f"lxmert-train: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        task = build_task(config, args.load)
+        result = run_eval_only(task, config, args.load, args.data, args.output, args.annotations)
+    except (ValueError, FileNotFoundError, KeyError) as err:  # DataFormatError, MetricInputError, ConfigError
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 1
+    for line in summary_lines(result):
+        print(line)
+    return 0
+
+
+def _setup_logging() -> None:
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _summary_text(task: str, summary: dict) -> str:
+    valid = ", ".join(f"{k} {v:.4f}" for k, v in summary["valid"].items() if isinstance(v, (int, float)))
+    return (
+        f"lxmert-train {task}: {'done' if summary['completed'] else 'stopped'} at step {summary['step']}"
+        f"/{summary['t_total']} ({summary['epochs_done']} epochs) in {summary['seconds']:.0f} s; last train loss "
+        f"{summary['train_loss']:.4f}" + (f"; valid: {valid}" if valid else "")
+        + (f"; {summary['bad_steps']} steps skipped (non-finite loss)" if summary["bad_steps"] else "")
+        + f"\n  model: {summary['final']}" + (f"\n  best:  {summary['best']}" if summary["best"] else "")
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

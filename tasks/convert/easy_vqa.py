@@ -30,13 +30,12 @@ import importlib.metadata
 import importlib.util
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.convert.io import DataFormatError, read_json, read_text, write_items, write_json
+from common.files import copy_file_atomic
+from tasks.data.jsonio import DataFormatError, read_json, read_text, write_items, write_json
 
 __all__ = [
     "DATASET_NAME",
@@ -135,17 +134,6 @@ def _image_files(folder: Path) -> dict[int, Path]:
     return files
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _split(
     source: Path, out: Path, split: str, limit: int | None, answers: list[str]
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str, str, int]], int]:
@@ -168,7 +156,7 @@ def _split(
         if m and int(m.group(1)) not in keep:
             old.unlink()
     for n in sorted(keep):
-        _copy_atomic(images[n], dest / f"{n}.png")
+        copy_file_atomic(images[n], dest / f"{n}.png")
 
     offset = 0 if split == "train" else TEST_QUESTION_ID_OFFSET
     items, kept_rows = [], []

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tasks.convert.io import DataFormatError
+from tasks.data.jsonio import DataFormatError
 
 __all__ = ["convert_gqa"]
 

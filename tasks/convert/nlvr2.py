@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from tasks.convert.io import DataFormatError
+from tasks.data.jsonio import DataFormatError
 
 __all__ = ["LXMERT_SPLIT_NAMES", "convert_nlvr2"]
 

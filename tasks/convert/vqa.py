@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.convert.io import DataFormatError, read_text
+from tasks.data.jsonio import DataFormatError, read_text
 from tasks.metrics.base import preview
 from tasks.metrics.vqa import process_digit_article, process_punctuation
 

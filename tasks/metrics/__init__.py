@@ -1,7 +1,7 @@
 """The official evaluation metrics of VQA v2, GQA and NLVR2 (pure Python, no torch).
 
 Each module reproduces its benchmark's official evaluator on in-memory data; ``lxmert-eval``
-(:mod:`tasks.eval_cli`) reads the files. LXMERT's own training-time accuracies live with the tasks.
+(:mod:`tasks.metrics.cli`) reads the files. LXMERT's own training-time accuracies live with the tasks.
 """
 
 from tasks.metrics.base import MetricInputError, round_half_away

@@ -58,6 +58,7 @@ def _probe(tune: bool, env: dict | None = None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _glibc(), reason="the tuning applies to glibc's malloc only")
 def test_tuned_allocator_reuses_freed_pages():
     pages = (256 << 20) // 4096
@@ -71,6 +72,7 @@ def test_tuned_allocator_reuses_freed_pages():
     assert tuned["faults"][-1] < pages // 20, tuned
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _glibc(), reason="the tuning applies to glibc's malloc only")
 def test_tuning_can_be_switched_off_by_environment():
     result = _probe(tune=True, env={"LXMERT_TUNE_MALLOC": "0"})

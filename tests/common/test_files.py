@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from common.files import write_text_atomic
+from common.files import copy_file_atomic, write_text_atomic
 
 
 def test_writes_creates_folders_and_replaces(tmp_path: Path) -> None:
@@ -35,3 +35,15 @@ def test_permissions_follow_the_umask_like_a_plain_write(tmp_path: Path) -> None
     plain.write_text("x")
     atomic = write_text_atomic(tmp_path / "atomic.txt", "x")
     assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_copy_file_atomic_copies_and_leaves_no_temporary_on_failure(tmp_path):
+    src = tmp_path / "a.bin"
+    src.write_bytes(b"\x00\x01payload")
+    dst = copy_file_atomic(src, tmp_path / "sub" / "b.bin")
+    assert dst.read_bytes() == b"\x00\x01payload"
+    dst.write_bytes(b"old")
+    with pytest.raises(FileNotFoundError):
+        copy_file_atomic(tmp_path / "missing.bin", dst)
+    assert dst.read_bytes() == b"old"  # the old file stays whole
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["b.bin"]  # no temporary left

@@ -397,6 +397,7 @@ def test_random_full_model_stays_informative() -> None:
     assert np.all(rec["obj_conf"] < 0.5)
 
 
+@pytest.mark.slow
 def test_torch_fx_tracing_notice_is_silenced_at_its_source_only() -> None:
     """Detectron2's ROIPooler asks torch.fx's is_fx_tracing(), which logs a notice into every progress bar;
     importing extract drops that one record of that one logger (the reference run without it shows it)."""

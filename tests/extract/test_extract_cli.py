@@ -249,6 +249,7 @@ def _count(path: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path: Path, read_records) -> None:
     n = 60
     _images(tmp_path / "imgs", n)

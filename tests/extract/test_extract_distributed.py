@@ -28,6 +28,7 @@ def _make_images(root: Path) -> None:
     (root / "bad.jpg").write_bytes(b"")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason=f"{TORCHRUN} not installed")
 def test_torchrun_two_ranks_equal_one_process(tmp_path: Path, capsys, read_records) -> None:
     _make_images(tmp_path / "imgs")

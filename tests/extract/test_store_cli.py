@@ -110,6 +110,7 @@ def test_errors_exit_2(tmp_path, capsys):
     assert "TSV file not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_console_script_runs(tmp_path):
     """The installed entry point (``python -m extract.store_cli``) returns the exit status."""
     with FeatureWriter(tmp_path / "s") as writer:

@@ -6,7 +6,7 @@ import torch
 
 from model import LxmertConfig, LxmertForPreTraining, LxmertForQuestionAnswering
 from model.answers import answer_index_map, qa_model_from_pretraining, transfer_answer_head
-from tasks.answer_table import load_answer_table, normalize_answer
+from tasks.data.answer_table import load_answer_table, normalize_answer
 
 
 def _tables(shared_data):

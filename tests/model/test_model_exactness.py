@@ -183,6 +183,7 @@ def test_bf16_autocast_runs_and_stays_close(tiny_config, tiny_batch):
     assert abs(low.item() - ref.item()) < 0.05 * abs(ref.item())
 
 
+@pytest.mark.slow
 def test_full_size_955_forward_matches_hf(tmp_path):
     """The released size (9/5/5, hidden 768, 9500 answers): one forward, ours vs HF, same weights."""
     config = LxmertConfig()

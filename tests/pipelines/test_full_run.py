@@ -44,6 +44,7 @@ def _run(args: list[str], tmp_path: Path, timeout: int = 900) -> subprocess.Comp
     )
 
 
+@pytest.mark.slow
 def test_dry_run_prints_every_stage_command(tmp_path: Path) -> None:
     _needs_venv()
     out = _run(["--dry-run", "--run-dir", str(tmp_path / "demo")], tmp_path)

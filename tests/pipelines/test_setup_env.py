@@ -82,6 +82,7 @@ def test_pure_python_detectron2_wheel_is_cached_and_retagged() -> None:
     assert not list(Path(detectron2.__file__).parent.glob("_C.cpython-*.so"))
 
 
+@pytest.mark.slow
 def test_second_run_on_ready_venv_is_a_no_op() -> None:
     if Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
         pytest.skip("tests are not running from the clone's .venv")
@@ -90,6 +91,7 @@ def test_second_run_on_ready_venv_is_a_no_op() -> None:
     assert "nothing to do" in out.stdout
 
 
+@pytest.mark.slow
 def test_failure_names_the_step(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHON=str(tmp_path / "no-such-python"), LXMERT_VENV=str(tmp_path / "venv"))
     out = subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, env=env, timeout=60)

@@ -1,4 +1,4 @@
-"""lxmert-answer / tasks.answerer: the tiny VG detector (random weights saved to a file) and a tiny QA model.
+"""lxmert-answer / tasks.answer.answerer: the tiny VG detector (random weights saved to a file) and a tiny QA model.
 
 The reference is the pipeline users run in two steps: ``run_extraction`` into a feature store, then the model
 on the store's record. The answerer must give the same regions and the same answers.
@@ -23,17 +23,17 @@ from extract.selection import BoxSelection
 from extract.store import FeatureStore
 from extract.vg_vocab import load_vg_vocab
 from model import LxmertConfig, LxmertForNLVR2, LxmertForQuestionAnswering, LxmertModel, LxmertTokenizer
-from tasks.answer_cli import build_parser, main, read_questions
-from tasks.answerer import (
+from tasks.answer.answerer import (
     Answerer,
     AnswerInputError,
     AnswerSetupError,
     compare_extractor,
-    draw_result,
 )
-from tasks.checkpointing import save_model_dir
-from tasks.features import RegionFeatures
-from tasks.qa import feature_extras
+from tasks.answer.cli import build_parser, main, read_questions
+from tasks.answer.drawing import draw_result
+from tasks.data.model_folder import feature_extras
+from tasks.data.regions import RegionFeatures
+from tasks.engine.checkpointing import save_model_dir
 
 SMALL = {"min_size": 64, "max_size": 112}  # tiny resized images keep the detector fast
 ANSWERS = ["yes", "no", "2", "red", "frisbee", "dog", "table"]

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from tasks.answer_table import load_answer_table, normalize_answer
+from tasks.data.answer_table import load_answer_table, normalize_answer
+from tasks.data.jsonio import DataFormatError
 
 
 @pytest.mark.parametrize(
@@ -86,9 +87,9 @@ def test_bad_tables_rejected(tmp_path) -> None:
     with pytest.raises(ValueError, match="y.json: not an answer table"):
         load_answer_table(tmp_path / "y.json")
     (tmp_path / "z.json").write_text("[1, 2")
-    with pytest.raises(ValueError, match="z.json: cannot read the answer table"):
+    with pytest.raises(DataFormatError, match=r"z.json:1:6: answer table is not valid JSON"):
         load_answer_table(tmp_path / "z.json")
-    with pytest.raises(ValueError, match="missing.json: cannot read"):
+    with pytest.raises(DataFormatError, match=r"answer table .*missing.json does not exist"):
         load_answer_table(tmp_path / "missing.json")
     (tmp_path / "l.json").write_text('["yes"]')
     with pytest.raises(ValueError, match="l.json: selecting answers by dataset.*needs all_ans.json"):

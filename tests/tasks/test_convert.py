@@ -19,10 +19,10 @@ from tasks.convert import (
     convert_vqa,
     soft_score,
 )
+from tasks.convert.cli import build_parser as data_parser
+from tasks.convert.cli import main as data_main
 from tasks.convert.easy_vqa import TEST_QUESTION_ID_OFFSET, installed_easy_vqa_data, question_type
 from tasks.convert.vqa import build_answer_table, read_image_id_list, select_minival_images
-from tasks.data_cli import build_parser as data_parser
-from tasks.data_cli import main as data_main
 from tasks.metrics import evaluate_vqa
 
 

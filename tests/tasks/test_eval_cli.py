@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tasks.eval_cli import main
+from tasks.metrics.cli import main
 
 
 def write(path, obj):

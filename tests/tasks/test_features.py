@@ -1,4 +1,4 @@
-"""tasks.features: region features from several stores, missing-image reports, standardisation, metadata."""
+"""tasks.data.regions: region features from several stores, missing-image reports, standardisation, metadata."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from region_labels import random_labels
 
 from extract.store import FeatureWriter
-from tasks.features import (
+from tasks.data.regions import (
     FeatureStats,
     MissingImagesError,
     RegionFeatures,
@@ -84,7 +84,7 @@ def test_missing_images_error_and_allowed(two_stores, caplog):
     assert "'x1', 'x2', 'x3', 'x4', 'x5', ..." in msg
     assert str(coco) in msg and str(vg) in msg
     assert "data.allow_missing_images: true" in msg
-    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+    with caplog.at_level(logging.WARNING, logger="tasks.data.regions"):
         missing = feats.check(ids, allow_missing=True)
     assert missing == {"x1", "x2", "x3", "x4", "x5", "x9"}
     assert "6 of 8 images" in caplog.text and "dropped" in caplog.text
@@ -172,12 +172,12 @@ def test_stores_with_other_extractor_settings_are_named_in_a_warning(tmp_path: P
     )
     write_store(tmp_path / "tsv_a.lmdb", ["t"])
     write_store(tmp_path / "tsv_b.lmdb", ["u"])  # {"source": "tsv", "file": its own name}
-    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+    with caplog.at_level(logging.WARNING, logger="tasks.data.regions"):
         RegionFeatures([tmp_path / "coco.lmdb", tmp_path / "vg.lmdb"])
         RegionFeatures([tmp_path / "tsv_a.lmdb", tmp_path / "tsv_b.lmdb"])
     assert not caplog.records
     write_store(tmp_path / "k10.lmdb", ["k"], extractor={**settings, "min_boxes": 10, "max_boxes": 100})
-    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+    with caplog.at_level(logging.WARNING, logger="tasks.data.regions"):
         RegionFeatures([tmp_path / "coco.lmdb", tmp_path / "vg.lmdb", tmp_path / "k10.lmdb"])
     (record,) = caplog.records
     message = record.getMessage()

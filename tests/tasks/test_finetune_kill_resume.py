@@ -21,9 +21,9 @@ from safetensors.torch import load_file
 
 from common.config import save_config
 from model import LxmertConfig, LxmertForPreTraining
-from tasks import checkpointing as ckpt
-from tasks import nlvr2, vqa
-from tasks.trainer import train
+from tasks.engine import checkpointing as ckpt
+from tasks.engine.trainer import train
+from tasks.finetune import nlvr2, vqa
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,13 +32,13 @@ ROOT = Path(__file__).resolve().parents[2]
 # argv: TASK KILL_AT_CALL CLI-ARGS...; KILL_AT_CALL 0 = no kill (the resumed run)
 DRIVER = """
 import os, signal, sys
-from tasks import cli
+from tasks import cli, registry
 
 task_name, kill_at = sys.argv[1], int(sys.argv[2])
-build = cli.BUILDERS[task_name]
+build = registry.TASKS[task_name]
 
-def killing_build(config):
-    task = build(config)
+def killing_build(config, load=None):
+    task = build(config, load)
     step, calls = task.step, [0]
 
     def step_then_die(model, batch, epoch):
@@ -51,7 +51,7 @@ def killing_build(config):
     return task
 
 if kill_at:
-    cli.BUILDERS[task_name] = killing_build
+    registry.TASKS[task_name] = killing_build
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -72,6 +72,7 @@ def pretrained(folder: Path) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["vqa", "nlvr2"])
 def test_kill_9_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, task: str):
     if task == "vqa":

@@ -10,8 +10,8 @@ import torch
 from finetune_data import COLOURS, qa_setup, write_json
 from torch.utils.data import DataLoader
 
-from tasks import gqa
-from tasks.qa import TaskDataError
+from tasks.data.jsonio import DataFormatError
+from tasks.finetune import gqa
 
 
 def official_questions(items: list[dict], extra: int = 3) -> dict:
@@ -79,7 +79,7 @@ def test_official_file_must_hold_the_valid_questions(tmp_path: Path):
     cfg.finetune.annotations = write_json(tmp_path / "q.json", official_questions(valid[:4], extra=0))
     task = gqa.build(cfg)
     loader = DataLoader(task.valid_dataset(), batch_size=8, collate_fn=task.collate)
-    with pytest.raises(TaskDataError, match=r"q\.json: 2 of the 6 predicted questions are not in it"):
+    with pytest.raises(DataFormatError, match=r"q\.json: 2 of the 6 predicted questions are not in it"):
         task.evaluate(task.build_model(None).eval(), loader, torch.device("cpu"))
 
 
@@ -87,6 +87,6 @@ def test_missing_official_file_fails_before_training(tmp_path: Path):
     cfg = qa_setup(tmp_path, task="gqa", n_train=16, n_valid=6)
     cfg.finetune.annotations = str(tmp_path / "testdev_balanced_questions.json")
     with pytest.raises(
-        TaskDataError, match=r"finetune.annotations: .*testdev_balanced_questions.json is not a file"
+        DataFormatError, match=r"finetune.annotations: .*testdev_balanced_questions.json is not a file"
     ):
         gqa.build(cfg).valid_dataset()

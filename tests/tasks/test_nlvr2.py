@@ -10,10 +10,11 @@ import torch
 from finetune_data import TINY_MODEL, image_colours, nlvr2_items, nlvr2_setup, write_json, write_store
 
 from model import LxmertConfig, LxmertForNLVR2, LxmertForPreTraining
-from tasks import nlvr2
-from tasks.nlvr2 import build_nlvr2_model, load_pair_items, pair_loss
-from tasks.qa import TaskDataError
-from tasks.trainer import train
+from model.losses import masked_mean_cross_entropy
+from tasks.data.jsonio import DataFormatError
+from tasks.engine.trainer import train
+from tasks.finetune import nlvr2
+from tasks.finetune.nlvr2 import build_nlvr2_model, load_pair_items
 
 
 def test_pair_batches_and_loss(tmp_path: Path):
@@ -40,7 +41,7 @@ def test_pair_batches_and_loss(tmp_path: Path):
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     logits = torch.tensor([[2.0, -1.0], [0.0, 3.0], [1.0, 1.0]])
     ce = torch.nn.functional.cross_entropy(logits[:2], torch.tensor([0, 1]))
-    assert pair_loss(logits, torch.tensor([0, 1, -100])).item() == pytest.approx(ce.item())
+    assert masked_mean_cross_entropy(logits, torch.tensor([0, 1, -100])).item() == pytest.approx(ce.item())
 
 
 def test_pair_head_starts_fresh_from_a_pretraining_checkpoint(tmp_path: Path):
@@ -84,7 +85,7 @@ def test_pair_head_starts_fresh_from_a_pretraining_checkpoint(tmp_path: Path):
 )
 def test_bad_entries_are_named(tmp_path: Path, entries, message):
     path = write_json(tmp_path / "bad.json", entries)
-    with pytest.raises(TaskDataError, match=message):
+    with pytest.raises(DataFormatError, match=message):
         load_pair_items([path])
 
 
@@ -93,7 +94,7 @@ def test_training_refuses_unlabelled_examples(tmp_path: Path):
     items = json.loads(Path(cfg.data.train[0]).read_text())
     del items[3]["label"]
     write_json(Path(cfg.data.train[0]), items)
-    with pytest.raises(TaskDataError, match=r"1 examples have no label.*train-3-0-0"):
+    with pytest.raises(DataFormatError, match=r"1 examples have no label.*train-3-0-0"):
         nlvr2.build(cfg).train_dataset()
 
 

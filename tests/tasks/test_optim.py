@@ -1,4 +1,4 @@
-"""tasks.optim: BERT-Adam (multi-tensor) against a plain per-parameter reference; the warmup-linear schedule
+"""tasks.engine.optim: BERT-Adam (multi-tensor) against a plain per-parameter reference; the warmup-linear schedule
 against hand values; parameter groups; AdamW."""
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from tasks.config import OptimConfig
-from tasks.optim import BertAdam, FusedBertAdam, WarmupLinear, build_optimizer, param_groups, warmup_linear
+from tasks.engine.optim import (
+    BertAdam,
+    FusedBertAdam,
+    WarmupLinear,
+    build_optimizer,
+    param_groups,
+    warmup_linear,
+)
 
 IMPLEMENTATIONS = pytest.mark.parametrize("impl", [BertAdam, FusedBertAdam], ids=["foreach", "fused"])
 

@@ -12,9 +12,9 @@ from finetune_data import COLOURS, nlvr2_setup, qa_setup, write_json
 from torch.utils.data import DataLoader
 
 from common.config import save_config
-from tasks import gqa, nlvr2, vqa
-from tasks.checkpointing import save_model_dir
 from tasks.cli import main as cli_main
+from tasks.engine.checkpointing import save_model_dir
+from tasks.finetune import gqa, nlvr2, vqa
 from tasks.metrics.vqa import evaluate_vqa
 
 

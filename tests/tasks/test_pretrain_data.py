@@ -1,4 +1,4 @@
-"""tasks.pretrain_data / tasks.pretrain: items, masks, negatives, QA targets, determinism, bad input."""
+"""tasks.pretrain.data / tasks.pretrain.task: items, masks, negatives, QA targets, determinism, bad input."""
 
 from __future__ import annotations
 
@@ -15,18 +15,12 @@ from torch.utils.data import DataLoader
 from common.config import load_config
 from extract.store import FeatureWriter
 from model import LxmertTokenizer
-from tasks.answer_table import load_answer_table
 from tasks.config import TrainConfig
-from tasks.features import MissingImagesError
-from tasks.pretrain import build
-from tasks.pretrain_data import (
-    IGNORE,
-    MaskingOptions,
-    PretrainDataError,
-    build_corpus,
-    mask_tokens,
-    read_pretrain_json,
-)
+from tasks.data.answer_table import load_answer_table
+from tasks.data.regions import MissingImagesError
+from tasks.pretrain.corpus import PretrainDataError, build_corpus, read_pretrain_json
+from tasks.pretrain.data import IGNORE, MaskingOptions, mask_tokens
+from tasks.pretrain.task import build
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 8
@@ -357,7 +351,7 @@ def test_missing_images_reported(pretrain_files, tmp_path: Path, caplog):
         MissingImagesError, match=r"2 of 10 images of .*more.json \(9 sentences\).*'ghost1', 'ghost2'"
     ):
         build(make_config(pretrain_files, train))
-    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+    with caplog.at_level(logging.WARNING, logger="tasks.data.regions"):
         task = build(make_config(pretrain_files, train, "data.allow_missing_images=true"))
     assert "2 of 10 images" in caplog.text and "dropped" in caplog.text
     assert task.train_corpus.num_images == 8 and "ghost1" not in task.train_corpus.img_ids

@@ -16,9 +16,9 @@ from common.config import load_config
 from extract.store import FeatureStore, FeatureWriter
 from extract.tsv import import_tsv
 from tasks.config import TrainConfig
-from tasks.pretrain import build
+from tasks.pretrain.task import build
 
-trainer = pytest.importorskip("tasks.trainer")
+trainer = pytest.importorskip("tasks.engine.trainer")
 
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 8

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from toy_task import ToyTask, toy_config
 
 from common.config import save_config
-from tasks import checkpointing as ckpt
-from tasks.trainer import train
+from tasks.engine import checkpointing as ckpt
+from tasks.engine.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,6 +31,7 @@ def run_toy(config_path: Path, run_dir: Path, *extra: str) -> subprocess.Complet
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_bitwise_equal_to_uninterrupted(tmp_path, tiny_store, tiny_items):
     train_json, valid_json = tiny_items
     # 8 steps per epoch, 2 epochs, a checkpoint every 3 steps; 2 loader workers in the killed / resumed run

@@ -1,4 +1,4 @@
-"""tasks.trainer on a tiny real task (tests/tasks/toy_task.py): RUN_DIR layout and logs, checkpoints that load in
+"""tasks.engine.trainer on a tiny real task (tests/tasks/toy_task.py): RUN_DIR layout and logs, checkpoints that load in
 transformers, stop + resume == uninterrupted, damaged-checkpoint fallback, non-finite losses, batching rules,
 the sampler, and the CLI's config errors."""
 
@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from toy_task import ToyTask, toy_config
 
 from common.config import ConfigError
-from tasks import checkpointing as ckpt
 from tasks.cli import main as cli_main
 from tasks.config import TrainLoopConfig
-from tasks.trainer import GlobalBatchSampler, TrainingStopped, micro_batching, resolve_amp, train
+from tasks.engine import GlobalBatchSampler, TrainingStopped, micro_batching, resolve_amp, train
+from tasks.engine import checkpointing as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,6 +225,32 @@ def test_cli_amp_flag_sets_train_amp_and_refuses_other_values(tmp_path, capsys):
     assert exc.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
+def test_eval_only_without_config_keeps_amp_over_the_runs_own_config(tmp_path):
+    """--eval-only without --config takes RUN_DIR/config.yaml beside --load; --amp still applies on top."""
+    from tasks.cli import build_parser, resolve_config
+
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: vqa\ntrain:\n  amp: none\ndata:\n  eval_batch_size: 7\n")
+    args = build_parser().parse_intermixed_args(
+        [
+            "vqa",
+            "--eval-only",
+            "--load",
+            str(run / "best"),
+            "--data",
+            "x.json",
+            "--output",
+            "o",
+            "--amp",
+            "bf16",
+        ]
+    )
+    config = resolve_config(args)
+    assert config.train.amp == "bf16"  # before: the run's config reloaded and --amp dropped
+    assert config.data.eval_batch_size == 7  # the run's own config is the base
+
+
 def test_fp16_runs_with_a_grad_scaler_saved_and_resumed(tmp_path, cfg_factory):
     config = cfg_factory(epochs=1, amp="fp16")
     train(config, ToyTask(config), tmp_path / "run", max_steps=3)
@@ -237,14 +263,14 @@ def test_fp16_runs_with_a_grad_scaler_saved_and_resumed(tmp_path, cfg_factory):
 
 
 def test_amp_auto_follows_the_device(monkeypatch):
-    import tasks.trainer as trainer_module
+    import tasks.engine.precision as precision_module
 
     assert resolve_amp("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert resolve_amp("none", torch.device("cuda", 0)) is None
     assert resolve_amp("fp16", torch.device("cpu")) == torch.float16
-    monkeypatch.setattr(trainer_module, "cpu_autocast_is_fast", lambda dtype: False)
+    monkeypatch.setattr(precision_module, "cpu_autocast_is_fast", lambda dtype: False)
     assert resolve_amp("auto", torch.device("cpu")) is None
-    monkeypatch.setattr(trainer_module, "cpu_autocast_is_fast", lambda dtype: True)
+    monkeypatch.setattr(precision_module, "cpu_autocast_is_fast", lambda dtype: True)
     assert resolve_amp("auto", torch.device("cpu")) == torch.bfloat16
 
 

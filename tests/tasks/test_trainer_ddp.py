@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from toy_task import ToyTask, toy_config
 
 from common.config import save_config
-from tasks.trainer import train
+from tasks.engine.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,6 +21,7 @@ TOY = Path(__file__).resolve().parent / "toy_task.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_accumulation(tmp_path, tiny_store, tiny_items):
     train_json, _ = tiny_items
     # global batch 4: 2 processes x micro batch 2, against 1 process x 2 accumulation steps x micro batch 2

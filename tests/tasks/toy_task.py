@@ -21,8 +21,8 @@ from region_labels import random_labels
 from extract.store import FeatureWriter
 from model import LxmertConfig, LxmertForPreTraining
 from tasks.config import TrainConfig
-from tasks.features import RegionFeatures, collate_regions
-from tasks.task import StepOutput
+from tasks.data.regions import RegionFeatures, collate_regions
+from tasks.engine.task import StepOutput
 
 DIM = 24  # feature size of the tiny store
 REGIONS = 6
@@ -199,7 +199,7 @@ class ToyTask:
         if self.calls in self.nan_at_calls:
             loss = loss * float("nan")
         parts = {k: v.detach() for k, v in (out.losses or {}).items()}
-        return StepOutput(loss=loss, parts=parts, batch_size=len(batch["uids"]))
+        return StepOutput(loss=loss, parts=parts)
 
     def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
         total, n = 0.0, 0
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     from common.config import load_config
-    from tasks.trainer import train
+    from tasks.engine.trainer import train
 
     parser = argparse.ArgumentParser()
     parser.add_argument("config")

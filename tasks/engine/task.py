@@ -1,8 +1,8 @@
-"""What the shared trainer needs from a task (pretrain, vqa, gqa, nlvr2): the contract between them.
+"""What the engine needs from a task (pretrain, vqa, gqa, nlvr2): the contract between them.
 
-The trainer (``tasks/trainer.py``) owns everything generic: processes, devices, AMP, the optimizer and
-schedule, the loop, checkpoints and resume, logs. A task module owns its data, its head and loss, its
-metric and its prediction files. ``train(config, task=..., model=None, dist=None)`` runs any of them.
+The engine (:mod:`tasks.engine`) owns everything generic: processes, devices, precision, the optimizer and
+schedule, the loop, checkpoints and resume, logs. A task owns its data, its model (whose forward computes the
+losses) and its metric. ``train(config, task, run_dir)`` runs any of them.
 """
 
 from __future__ import annotations
@@ -21,21 +21,6 @@ class StepOutput:
 
     loss: torch.Tensor
     parts: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. {"mlm": ..., "qa": ...}, detached ok
-    batch_size: int = 0
-
-
-class EpochDataset(Protocol):
-    """A map-style dataset whose random draws (masks, negatives) depend on (seed, epoch, index) only.
-
-    The trainer calls ``set_epoch(epoch)`` before building each epoch's loader iterator, so workers copy
-    the right epoch; ``__getitem__`` must not use any other source of randomness.
-    """
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> Any: ...
-
-    def set_epoch(self, epoch: int) -> None: ...
 
 
 class Task(Protocol):
@@ -49,7 +34,9 @@ class Task(Protocol):
         ...
 
     def train_dataset(self) -> Dataset:
-        """The training items (an :class:`EpochDataset`)."""
+        """The training items: a map-style dataset whose random draws (masks, negatives) depend on
+        ``(seed, epoch, index)`` only, with ``set_epoch(epoch)``, which the engine calls before building each
+        epoch's loader (so workers copy the right epoch)."""
         ...
 
     def valid_dataset(self) -> Dataset | None:
@@ -57,11 +44,11 @@ class Task(Protocol):
         ...
 
     def collate(self, items: list[Any]) -> dict[str, Any]:
-        """A batch: tensors (moved to the device by the trainer) and any non-tensor metadata (ids)."""
+        """A batch: tensors (moved to the device by the engine) and any non-tensor metadata (ids)."""
         ...
 
     def step(self, model: nn.Module, batch: dict[str, Any], epoch: int) -> StepOutput:
-        """Forward + loss on one (micro) batch, already on the device, under the trainer's autocast."""
+        """Forward + loss on one (micro) batch, already on the device, under the engine's autocast."""
         ...
 
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:

@@ -1,10 +1,10 @@
 """The demo's two analysis steps: a linear probe of the region features, and REPORT.md / summary.json.
 
-``python -m tasks.demo_report probe --store S --data D --out probe.json``: can the features tell an image's
+``python -m pipelines.report probe --store S --data D --out probe.json``: can the features tell an image's
 colour and shape? A logistic regression on the mean-pooled region features of the train images (each dimension
 standardised with the train statistics), scored on the test images, against chance.
 
-``python -m tasks.demo_report report --run RUN``: reads what the stages left in ``RUN`` (stage timings,
+``python -m pipelines.report report --run RUN``: reads what the stages left in ``RUN`` (stage timings,
 training logs and curves, test predictions of the model and of the question-only baseline) and writes
 ``RUN/REPORT.md`` and ``RUN/summary.json``. Accuracies are the official VQA metric (``tasks.metrics.vqa``) on
 the converted test annotations, in percent. Exits 1 when the model does not beat the better baseline by
@@ -315,7 +315,7 @@ def _markdown(s: dict, drawn: list[str], run: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tasks.demo_report")
+    p = argparse.ArgumentParser(prog="python -m pipelines.report")
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("probe", help="linear probe of the region features")
     pr.add_argument("--store", required=True, type=Path)

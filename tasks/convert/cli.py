@@ -16,10 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from tasks.answer_table import load_answer_table
 from tasks.convert.easy_vqa import TEST_QUESTION_ID_OFFSET, convert_easy_vqa
 from tasks.convert.gqa import convert_gqa
-from tasks.convert.io import DataFormatError, read_json, read_text, write_items, write_json, write_text
 from tasks.convert.nlvr2 import LXMERT_SPLIT_NAMES, convert_nlvr2
 from tasks.convert.vqa import (
     DEFAULT_MIN_ANSWER_COUNT,
@@ -31,6 +29,8 @@ from tasks.convert.vqa import (
     read_image_id_list,
     select_minival_images,
 )
+from tasks.data.answer_table import load_answer_table
+from tasks.data.jsonio import DataFormatError, read_json, read_text, write_items, write_json, write_text
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2

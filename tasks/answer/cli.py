@@ -33,13 +33,13 @@ from common.config import field_choices, field_default
 from common.cpu import cpu_autocast_warning, tune_cpu_allocator
 from extract.cli import add_detector_arguments, detector_config_from_args
 from extract.config import AMP_DTYPES, ExtractConfig
-from tasks.answerer import (
+from tasks.answer.answerer import (
     Answerer,
     AnswerInputError,
     AnswerResult,
     AnswerSetupError,
-    draw_result,
 )
+from tasks.answer.drawing import draw_result
 
 __all__ = ["QuestionLine", "build_parser", "main", "read_questions"]
 

@@ -25,32 +25,44 @@ checked.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 from safetensors import safe_open
 
 from common.distributed import DeviceError, resolve_device
-from extract.images import ImageError, decode_image, load_image
+from extract.images import ImageError, load_image
 from extract.runner import ExtractConfig, SetupError, extractor_settings, load_detector
 from extract.store import normalize_boxes
 from extract.vg_vocab import load_vg_vocab
 from model import LxmertForQuestionAnswering, LxmertTokenizer
-from tasks.answer_table import load_answer_table
-from tasks.checkpointing import WEIGHTS_NAME
-from tasks.features import FeatureStats
-from tasks.qa import EXTRACTOR_FILE, LABEL2ANS_FILE, TaskDataError, model_folder_record
+from tasks.answer.results import (
+    WEIGHTS_KEYS,
+    Answer,
+    AnswerError,
+    AnswerInputError,
+    AnswerResult,
+    AnswerSetupError,
+    ExtractorCheck,
+    Region,
+    compare_extractor,
+)
+from tasks.data.answer_table import load_answer_table
+from tasks.data.jsonio import DataFormatError
+from tasks.data.model_folder import (
+    LABEL2ANS_FILE,
+    WEIGHTS_NAME,
+    read_extractor_record,
+    read_feature_stats,
+)
+from tasks.data.regions import FeatureStats
 
 __all__ = [
     "Answer",
@@ -62,141 +74,7 @@ __all__ = [
     "ExtractorCheck",
     "Region",
     "compare_extractor",
-    "draw_result",
 ]
-
-#: Settings known only once the weights are loaded.
-_WEIGHTS_KEYS = ("weights_sha256",)
-
-#: Extractor settings compared between the model's record and the extractor used here. The weights' file name
-#: (the sha256 decides) and ``amp`` (``--amp`` runs the detector and the model alike) are not compared.
-_COMPARED = (
-    "weights_sha256",
-    "random_weights",
-    "seed",
-    "config",
-    "opts",
-    "selection",
-    "min_boxes",
-    "max_boxes",
-    "conf_thresh",
-    "nms_thresh",
-    "min_size",
-    "max_size",
-)
-
-
-class AnswerError(Exception):
-    """Base of the answerer's errors; the message names the file / question and what to do."""
-
-
-class AnswerSetupError(AnswerError):
-    """The answerer cannot be built: model, answer table, detector weights, device, or (strict) settings."""
-
-
-class AnswerInputError(AnswerError):
-    """One (image, question) pair cannot be answered: unreadable image, empty question, ..."""
-
-
-# ----------------------------------------------------------------------------------------------- results
-@dataclass
-class Answer:
-    answer: str
-    prob: float  # softmax over all answer logits
-
-
-@dataclass
-class Region:
-    """One detected region: ``box`` x1, y1, x2, y2 in original image pixels; ``attention`` the last cross-modality
-    layer's [CLS]->region attention, mean over heads (the regions' values sum to 1)."""
-
-    box: list[float]
-    object: str
-    attribute: str
-    attention: float
-
-
-@dataclass
-class AnswerResult:
-    """One answered question. ``extract_s`` is 0 when the image's regions came from the cache."""
-
-    image: str
-    question: str
-    answers: list[Answer]
-    regions: list[Region]
-    extract_s: float = 0.0
-    model_s: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"image", "question", "answers": [{"answer", "prob"}], "regions": [{"box", "object", "attribute",
-        "attention"}]}`` (the ``lxmert-answer --json`` object)."""
-        return {
-            "image": self.image,
-            "question": self.question,
-            "answers": [{"answer": a.answer, "prob": a.prob} for a in self.answers],
-            "regions": [
-                {"box": r.box, "object": r.object, "attribute": r.attribute, "attention": r.attention}
-                for r in self.regions
-            ],
-        }
-
-
-# --------------------------------------------------------------------------------------- extractor check
-@dataclass
-class ExtractorCheck:
-    """How the extractor used here compares with the one that made the model's training features.
-
-    ``differences``: one line per differing setting (empty when they agree or cannot be compared);
-    ``note``: why they could not be compared (no record, TSV-imported features), else None.
-    """
-
-    differences: list[str] = field(default_factory=list)
-    note: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.differences
-
-
-def compare_extractor(
-    recorded: Any, current: dict[str, Any], source: str = "the model", ignore: tuple[str, ...] = ()
-) -> ExtractorCheck:
-    """Compare the model's ``extractor.json`` (a store's extractor settings, or a list of them: one per training
-    store) with ``current`` (:func:`extract.runner.extractor_settings` of the extractor used here); the settings
-    in ``ignore`` are not compared."""
-    if recorded is None:
-        return ExtractorCheck(
-            note=f"{source} carries no extractor record ({EXTRACTOR_FILE}); cannot check that its training "
-            "features came from this extractor (LXMERT's released models: Caffe features, i.e. --selection caffe "
-            "--boxes 36 --min-size 600 --max-size 1000 with faster_rcnn_from_caffe_attr.pkl)"
-        )
-    records = recorded if isinstance(recorded, list) else [recorded]
-    diffs: list[str] = []
-    notes: list[str] = []
-    for rec in records:
-        if not isinstance(rec, dict):
-            notes.append(f"{source}: unreadable extractor record {rec!r}")
-            continue
-        if rec.get("source") == "tsv":
-            notes.append(
-                f"{source} was trained on features imported from the TSV file {rec.get('file')!r} (the original "
-                "Caffe extractor); its settings cannot be compared (the matching ones here: --selection caffe "
-                "--boxes 36 --min-size 600 --max-size 1000 with faster_rcnn_from_caffe_attr.pkl)"
-            )
-            continue
-        for key in _COMPARED:
-            if key in ignore:
-                continue
-            if key == "seed" and not (rec.get("random_weights") and current.get("random_weights")):
-                continue
-            if key == "conf_thresh" and "caffe" not in (rec.get("selection"), current.get("selection")):
-                continue
-            was, now = rec.get(key, "<absent>"), current.get(key, "<absent>")
-            if json.dumps(was) != json.dumps(now):
-                line = f"{key}: model trained on {was!r}, here {now!r}"
-                if line not in diffs:
-                    diffs.append(line)
-    return ExtractorCheck(differences=diffs, note="; ".join(notes) or None)
 
 
 # --------------------------------------------------------------------------------------------- answerer
@@ -291,7 +169,7 @@ class Answerer:
         # Settings known before loading are checked first (a --strict refusal costs nothing), the weights' sha256
         # once they are loaded (hashed while reading them).
         early = compare_extractor(
-            recorded, extractor_settings(extract_config, None), str(model_path), ignore=_WEIGHTS_KEYS
+            recorded, extractor_settings(extract_config, None), str(model_path), ignore=WEIGHTS_KEYS
         )
         _refuse_if(strict, model_path, early)
 
@@ -400,7 +278,7 @@ class Answerer:
             raise AnswerInputError(f"image {image}: the detector found no region to answer from")
         start = time.perf_counter()
         feats = np.asarray(record["features"], dtype=np.float32)
-        if self.feature_stats is not None:  # as the training data was read (tasks.features)
+        if self.feature_stats is not None:  # as the training data was read (tasks.data.regions)
             feats = self.feature_stats.apply(feats)
         feats = torch.from_numpy(feats)[None].to(self.device)
         boxes = normalize_boxes(record["boxes"], record["img_h"], record["img_w"])
@@ -498,25 +376,17 @@ def _answer_table(model_path: Any, folder: Path | None, answers: Any) -> list[st
 
 
 def _extractor_record(folder: Path | None) -> Any:
-    if folder is None or not (folder / EXTRACTOR_FILE).is_file():
-        return None
-    path = folder / EXTRACTOR_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AnswerSetupError(
-            f"{path}: cannot read the extractor record ({e}); restore it or remove it"
-        ) from None
+        return read_extractor_record(folder)
+    except DataFormatError as e:
+        raise AnswerSetupError(f"{e}; restore the file or remove it") from None
 
 
 def _feature_stats(folder: Path | None) -> FeatureStats | None:
-    """The standardisation (per-dimension mean / std) the model was fine-tuned with: ``features.json``'s
-    ``standardize`` (``data.standardize_features``), or None."""
+    """The standardisation (per-dimension mean / std) the model was fine-tuned with (``features.json``), or None."""
     try:
-        record = model_folder_record(str(folder) if folder is not None else None)
-        saved = (record or {}).get("standardize")
-        return FeatureStats.from_dict(saved) if saved else None
-    except (TaskDataError, KeyError, TypeError, ValueError) as e:
+        return read_feature_stats(folder)
+    except DataFormatError as e:
         raise AnswerSetupError(
             f"{folder}: the model's feature record is unusable ({e}); restore it"
         ) from None
@@ -545,96 +415,3 @@ def _load_model(model_path: Any, device: torch.device) -> LxmertForQuestionAnswe
             "checkpoint: fine-tune it first (lxmert-train vqa / gqa) or pass a fine-tuned model folder"
         )
     return model.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------- drawing
-def draw_result(
-    result: AnswerResult, out: str | os.PathLike, *, labelled: int = 6, max_pixels: int | None = None
-) -> Path:
-    """Write the image with its regions shaded by attention and the most attended ones labelled.
-
-    Every pixel is darkened unless regions cover it: brightness ``0.25 + 0.75 * a / max(a)`` where ``a`` is the
-    summed attention of the regions covering the pixel. The ``labelled`` most attended regions get a frame and
-    ``"attribute object attention"`` (a label that would cover another is left out); the question and the top answers are written in a band at the bottom.
-    The output has the image's size (after EXIF orientation, as the boxes); its format follows the suffix.
-    """
-    bgr = decode_image(result.image, max_pixels=max_pixels)
-    rgb = bgr[:, :, ::-1].astype(np.float32)
-    h, w = rgb.shape[:2]
-    heat = np.zeros((h, w), dtype=np.float32)
-    for region in result.regions:
-        x1, y1, x2, y2 = _pixel_box(region.box, w, h)
-        heat[y1:y2, x1:x2] += region.attention
-    peak = float(heat.max())
-    shade = 0.25 + 0.75 * (heat / peak if peak > 0 else np.ones_like(heat))
-    img = Image.fromarray(np.clip(rgb * shade[:, :, None], 0, 255).astype(np.uint8))
-
-    draw = ImageDraw.Draw(img, "RGBA")
-    size = max(10, round(min(w, h) / 32))
-    font = _font(size)
-    line = max(1, round(min(w, h) / 250))
-    ranked = sorted(result.regions, key=lambda r: -r.attention)[: max(0, labelled)]
-    for region in ranked:
-        x1, y1, x2, y2 = _pixel_box(region.box, w, h)
-        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=(255, 215, 0, 255), width=line)
-    placed: list[tuple[int, int, int, int]] = []
-    for region in ranked:  # labels of the most attended first; one that would cover another is left out
-        x1, y1, x2, y2 = _pixel_box(region.box, w, h)
-        text = f"{region.attribute} {region.object} {region.attention:.2f}"
-        for tx, ty in (
-            (x1 + line, y1 - size - 2 * line),
-            (x1 + line, y1 + line),
-            (x1 + line, y2 - size - 2 * line),
-        ):
-            left, top, right, bottom = draw.textbbox((tx, ty), text, font=font)
-            rect = (left - line, top - line, right + line, bottom + line)
-            if rect[1] >= 0 and not any(_overlap(rect, other) for other in placed):
-                placed.append(rect)
-                draw.rectangle(rect, fill=(0, 0, 0, 170))
-                draw.text((tx, ty), text, fill=(255, 255, 255, 255), font=font)
-                break
-
-    lines = [f"Q: {result.question}", "A: " + ", ".join(f"{a.answer} ({a.prob:.2f})" for a in result.answers)]
-    lines = [_fit(draw, text, font, w - 2 * size) for text in lines]
-    band = len(lines) * (size + size // 2) + size // 2
-    draw.rectangle([0, max(0, h - band), w, h], fill=(0, 0, 0, 190))
-    for i, text in enumerate(lines):
-        draw.text(
-            (size // 2, h - band + size // 4 + i * (size + size // 2)), text, fill=(255, 255, 255), font=font
-        )
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        img.save(out)
-    except (OSError, ValueError, KeyError) as e:
-        raise AnswerInputError(f"cannot write the picture {out}: {e} (use a .png or .jpg name)") from None
-    return out
-
-
-def _pixel_box(box: list[float], w: int, h: int) -> tuple[int, int, int, int]:
-    x1 = min(max(int(math.floor(box[0])), 0), w)
-    y1 = min(max(int(math.floor(box[1])), 0), h)
-    x2 = min(max(int(math.ceil(box[2])), x1), w)
-    y2 = min(max(int(math.ceil(box[3])), y1), h)
-    return x1, y1, x2, y2
-
-
-def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text``, cut with "..." to fit ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."

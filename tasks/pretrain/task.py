@@ -13,9 +13,9 @@ Objectives (each switchable in ``pretrain``; the original's semantics, airsplay/
   weighted by ``pretrain.qa_weight`` from epoch ``pretrain.qa_start_epoch`` on (0 before). The released code:
   weight 1 from epoch 0; the paper: no QA for 10 epochs, then weight 2.
 
-The total is the sum. The model's efficient path computes vocabulary logits only at the masked tokens; the
-MLM, matching and QA losses are computed here from its logits, the visual losses by the model from the
-(labels, weights) this task builds (``obj_labels``).
+The model computes every loss from the labels this task gives it (:class:`model.LxmertForPreTraining`; its
+efficient path computes vocabulary logits only at the masked tokens); the total back-propagated is their sum
+with QA times its weight (:func:`weighted_total`).
 
 Validation draws the same masks and negatives every time (fixed seed), so its losses compare across epochs and
 runs; its ``loss`` is the unweighted sum of the parts (QA weight 1 whatever the epoch); ``qa_accuracy`` is the
@@ -31,23 +31,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model import LxmertConfig, LxmertForPreTraining, LxmertTokenizer
-from tasks.answer_table import load_answer_table
 from tasks.config import TrainConfig
-from tasks.features import RegionFeatures
-from tasks.pretrain_data import (
-    IGNORE,
-    MaskingOptions,
-    PretrainCorpus,
-    PretrainDataError,
-    PretrainDataset,
-    build_corpus,
-    collate_pretrain,
-)
-from tasks.task import StepOutput
+from tasks.data.answer_table import load_answer_table
+from tasks.data.regions import RegionFeatures
+from tasks.engine.task import StepOutput
+from tasks.pretrain.corpus import PretrainCorpus, PretrainDataError, build_corpus
+from tasks.pretrain.data import MaskingOptions, PretrainDataset, collate_pretrain
 
 log = logging.getLogger(__name__)
 
@@ -56,41 +48,12 @@ VISUAL_LOSSES = ("obj", "attr", "feat")
 STATS_IMAGES = 2000  # train images sampled for the standardisation statistics
 
 
-def pretrain_losses(
-    out: Any, batch: dict[str, Any], enabled: dict[str, bool], qa_weight: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Total loss and its parts from :class:`model.LxmertForPreTrainingOutput` ``out`` and a batch of
-    :func:`tasks.pretrain_data.collate_pretrain`.
-
-    ``enabled``: which of ``mlm``, ``matched``, ``qa``, ``obj``, ``attr``, ``feat`` count. The parts are the
-    unweighted losses (``qa`` before ``qa_weight``); the total is their sum with QA times ``qa_weight``.
-    """
-    parts: dict[str, Tensor] = {}
-    if enabled.get("mlm"):
-        labels = batch["mlm_labels"].reshape(-1)
-        logits = out.prediction_logits
-        if out.masked_lm_index is not None:  # efficient path: logits (N, vocab) at the labelled tokens only
-            labels = labels.index_select(0, out.masked_lm_index)
-        else:
-            logits = logits.reshape(labels.shape[0], -1)
-        parts["mlm"] = _mean_ce(logits, labels)
-    if enabled.get("matched"):
-        parts["matched"] = F.cross_entropy(out.cross_relationship_score.float(), batch["matched_label"])
-    for key in VISUAL_LOSSES:
-        if enabled.get(key):
-            parts[key] = out.losses[key]
-    if enabled.get("qa"):
-        parts["qa"] = _mean_ce(out.question_answering_score, batch["qa_target"])
-    total = torch.zeros((), device=batch["input_ids"].device)
+def weighted_total(parts: dict[str, Tensor], qa_weight: float) -> Tensor:
+    """The loss back-propagated: the sum of the model's task losses ``parts``, QA times ``qa_weight``."""
+    total = torch.zeros((), device=next(iter(parts.values())).device)
     for name, value in parts.items():
         total = total + (value * qa_weight if name == "qa" else value)
-    return total, parts
-
-
-def _mean_ce(logits: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy averaged over targets != -100 (0, still in the graph, when there are none)."""
-    total = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="sum")
-    return total / (target != IGNORE).sum().clamp(min=1)
+    return total
 
 
 class PretrainTask:
@@ -264,14 +227,14 @@ class PretrainTask:
             token_type_ids=batch["token_type_ids"],
             labels=batch["mlm_labels"] if self.enabled["mlm"] else None,
             obj_labels=obj_labels,
+            matched_label=batch["matched_label"] if self.enabled["matched"] else None,
+            ans=batch["qa_target"] if self.enabled["qa"] else None,
         )
 
     def step(self, model: nn.Module, batch: dict[str, Any], epoch: int) -> StepOutput:
-        out = self.forward(model, batch)
-        loss, parts = pretrain_losses(out, batch, self.enabled, self.qa_weight(epoch))
-        return StepOutput(
-            loss=loss, parts={k: v.detach() for k, v in parts.items()}, batch_size=len(batch["uid"])
-        )
+        parts = self.forward(model, batch).losses
+        loss = weighted_total(parts, self.qa_weight(epoch))
+        return StepOutput(loss=loss, parts={k: v.detach() for k, v in parts.items()})
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> dict[str, float]:
@@ -283,7 +246,7 @@ class PretrainTask:
         for batch in loader:
             batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             out = self.forward(model, batch)
-            _, parts = pretrain_losses(out, batch, self.enabled, 1.0)
+            parts = out.losses
             size = len(batch["uid"])
             items += size
             for name, value in parts.items():
@@ -319,9 +282,10 @@ def _describe(config: LxmertConfig) -> str:
     )
 
 
-def build(config: TrainConfig) -> PretrainTask:
-    """The pretraining task for ``config`` (reads the JSON files and opens the stores)."""
+def build(config: TrainConfig, load: str | None = None) -> PretrainTask:
+    """The pretraining task for ``config`` (reads the JSON files and opens the stores; ``load``, the starting
+    checkpoint, is read by :meth:`PretrainTask.build_model`)."""
     return PretrainTask(config)
 
 
-__all__ = ["PretrainTask", "build", "pretrain_losses"]
+__all__ = ["PretrainTask", "build", "weighted_total"]

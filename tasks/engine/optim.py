@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import OptimConfig
+from tasks.config import OptimConfig
 
 __all__ = ["BertAdam", "FusedBertAdam", "WarmupLinear", "build_optimizer", "param_groups", "warmup_linear"]
 

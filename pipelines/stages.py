@@ -1,124 +1,22 @@
-"""The whole chain as a list of stages, each one real command: `pipelines/full_run.sh` runs this module.
-
-Without ``--config`` it runs the demo on easy-VQA (a data set the package registry ships): convert ->
-extract-features -> linear probe -> lxmert-train pretrain -> lxmert-train vqa (and the question-only baseline:
-the same fine-tuning with every region feature and box zeroed) -> predictions + the official VQA metric ->
-``REPORT.md`` / ``summary.json``. With ``--config pipelines/configs/lxmert.yaml`` it runs the real recipe:
-extraction of every image set, pretraining, fine-tuning and evaluation / submission files for VQA, GQA and
-NLVR2, with torchrun over the local GPUs (and several machines with ``--nnodes/--node-rank/--master-addr``).
-
-Every stage writes its log to ``RUN/logs/<stage>.log``; a finished stage leaves ``RUN/stages/<stage>.done``
-and is skipped when the pipeline runs again; a partial one resumes (``extract-features`` continues its store,
-``lxmert-train`` gets ``--resume`` when its run folder has a checkpoint). A failure names the stage and its
-log and exits non-zero.
-"""
+"""The pipeline's stages: the demo's and the real recipe's, each one real command line."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shlex
-import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from common.config import ConfigError, load_config
-from common.files import write_text_atomic
+from common.config import ConfigError
 from extract.store import open_metadata
+from pipelines.config import ImageSet, LaunchConfig, PipelineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-
-# ------------------------------------------------------------------------------------------------ configs
-@dataclass
-class DemoConfig:
-    """The bundled demo (easy-VQA, 64x64 images of one coloured shape; random-weight detector unless
-    ``WEIGHTS`` is set)."""
-
-    train_images: int = 800
-    test_images: int = 200
-    detector_config: str = "vg_tiny"
-    min_size: int = 224
-    max_size: int = 224
-    extract_batch_size: int = 8
-    pretrain_config: str = "tasks/configs/pretrain_demo.yaml"
-    vqa_config: str = "tasks/configs/vqa_demo.yaml"
-    pretrain_overrides: list[str] = field(default_factory=list)
-    vqa_overrides: list[str] = field(default_factory=list)
-    check_margin: float = 5.0  # points above the better baseline the model must reach (<0: no check)
-    draw_examples: int = 6
+__all__ = ["Stage", "StageFailed", "demo_stages", "real_stages"]
 
 
-@dataclass
-class ImageSet:
-    """One image folder -> one feature store ``RUN/features/<name>.lmdb``."""
-
-    name: str = ""
-    images: str = ""
-    list_file: str = ""  # optional: only these images (paths relative to ``images``)
-    id_from: str = "stem"
-
-
-@dataclass
-class FinetuneSpec:
-    """One fine-tuning task of the real recipe."""
-
-    task: str = "vqa"  # vqa | gqa | nlvr2
-    config: str = ""  # default: tasks/configs/<task>.yaml
-    train: list[str] = field(default_factory=list)
-    valid: str = ""
-    answers: str = ""
-    features: list[str] = field(default_factory=list)  # image-set names
-    valid_annotations: str = ""  # raw official file of the valid split: the official metric
-    test: dict[str, str] = field(default_factory=dict)  # split name -> LXMERT JSON (submission files)
-    overrides: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RealConfig:
-    """The real datasets (``pipelines/configs/lxmert.yaml``)."""
-
-    weights: str = ""  # detector weights (any of the three published layouts, or a Hub id)
-    detector_config: str = "vg_r101_c4"
-    extract_batch_size: int = 0  # 0: extract-features' default
-    image_sets: list[ImageSet] = field(default_factory=list)
-    pretrain: bool = True
-    pretrain_config: str = "tasks/configs/pretrain_lxmert.yaml"
-    pretrain_train: list[str] = field(default_factory=list)
-    pretrain_valid: str = ""
-    pretrain_answers: str = ""
-    pretrain_features: list[str] = field(default_factory=list)  # image-set names
-    pretrain_overrides: list[str] = field(default_factory=list)
-    load: str = ""  # start fine-tuning from this checkpoint instead of our pretraining
-    finetune: list[FinetuneSpec] = field(default_factory=list)
-
-
-@dataclass
-class LaunchConfig:
-    """How commands are launched: processes per node and the torchrun rendezvous for several machines."""
-
-    gpus_per_node: int = 0  # 0: all visible GPUs (1 process on CPU)
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29533
-
-
-@dataclass
-class PipelineConfig:
-    run_dir: str = "runs/demo"
-    mode: str = "demo"  # demo | real
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    real: RealConfig = field(default_factory=RealConfig)
-    launch: LaunchConfig = field(default_factory=LaunchConfig)
-
-
-# ------------------------------------------------------------------------------------------------- stages
 @dataclass
 class Stage:
     """One step: ``command()`` builds its command line when the stage runs (so it can see partial outputs)."""
@@ -192,9 +90,8 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
     d = cfg.demo
     data = run / "data"
     store = run / "features.lmdb"
-    weights = os.environ.get("WEIGHTS", "")
-    detector = os.environ.get("CONFIG", d.detector_config if not weights else "vg_r101_c4")
-    device = os.environ.get("DEVICE", "")
+    weights, device = d.weights, d.device
+    detector = d.detector_config or ("vg_r101_c4" if weights else "vg_tiny")
     dev_args = ["train.device=" + device] if device else []
 
     def extract() -> list[str]:
@@ -251,7 +148,7 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
             lambda: [
                 sys.executable,
                 "-m",
-                "tasks.demo_report",
+                "pipelines.report",
                 "probe",
                 "--store",
                 str(store),
@@ -301,7 +198,7 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
             lambda: [
                 sys.executable,
                 "-m",
-                "tasks.demo_report",
+                "pipelines.report",
                 "report",
                 "--run",
                 str(run),
@@ -428,104 +325,3 @@ def real_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
                 )
             )
     return stages
-
-
-def run_stages(stages: list[Stage], run: Path, dry_run: bool = False, only: list[str] | None = None) -> dict:
-    """Run (or print) the stages in order; returns ``{stage: {"seconds", "skipped", "log"}}``."""
-    logs, marks = run / "logs", run / "stages"
-    timings: dict[str, dict] = {}
-    if not dry_run:
-        logs.mkdir(parents=True, exist_ok=True)
-        marks.mkdir(parents=True, exist_ok=True)
-    for i, stage in enumerate(stages, 1):
-        if only and stage.name not in only:
-            continue
-        cmd = stage.command()
-        head = f"[full_run] stage {i}/{len(stages)} {stage.name}: {stage.description}"
-        if dry_run:
-            print(head)
-            print("  " + shlex.join(cmd))
-            continue
-        done = marks / f"{stage.name}.done"
-        log = logs / f"{stage.name}.log"
-        if done.exists():
-            print(f"{head} -- done before, skipped ({done})")
-            timings[stage.name] = json.loads(done.read_text() or "{}") | {"skipped": True}
-            continue
-        print(head, flush=True)
-        print("  " + shlex.join(cmd), flush=True)
-        start = time.time()
-        with open(log, "ab") as fh:
-            fh.write(f"\n$ {shlex.join(cmd)}\n".encode())
-            fh.flush()
-            # the command's output goes to its log and, unchanged, to the terminal (progress bars redraw in place)
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            assert proc.stdout is not None
-            while chunk := proc.stdout.read1(65536):
-                fh.write(chunk)
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.buffer.flush()
-            rc = proc.wait()
-        seconds = time.time() - start
-        if rc != 0:
-            raise StageFailed(f"stage '{stage.name}' failed (exit {rc}); its log: {log}")
-        info = {"seconds": round(seconds, 1), "log": str(log)}
-        write_text_atomic(done, json.dumps(info))
-        timings[stage.name] = info
-        print(f"[full_run] stage {stage.name} done in {seconds:.1f} s", flush=True)
-    if not dry_run:
-        write_text_atomic(run / "stages.json", json.dumps(timings, indent=2))
-    return timings
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="full_run.sh",
-        description="The whole LXMERT chain in one command: the easy-VQA demo by default, the real datasets "
-        "with --config pipelines/configs/lxmert.yaml. Finished stages are skipped, partial ones resume.",
-    )
-    p.add_argument("--config", help="pipeline config (YAML); without it: the demo")
-    p.add_argument("--run-dir", help="output folder [runs/demo, or run_dir of the config]")
-    p.add_argument("--dry-run", action="store_true", help="print every stage's command, run nothing")
-    p.add_argument("--only", nargs="+", metavar="STAGE", help="run only these stages")
-    p.add_argument("--nnodes", type=int, help="machines (torchrun)")
-    p.add_argument("--node-rank", type=int, help="this machine's rank (torchrun)")
-    p.add_argument("--master-addr", help="rendezvous host (torchrun)")
-    p.add_argument("--gpus-per-node", type=int, help="processes per machine [all visible GPUs]")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="pipeline config overrides")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = list(args.overrides)
-    for flag, key in (
-        ("nnodes", "launch.nnodes"),
-        ("node_rank", "launch.node_rank"),
-        ("master_addr", "launch.master_addr"),
-        ("gpus_per_node", "launch.gpus_per_node"),
-    ):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    try:
-        cfg = load_config(PipelineConfig, args.config, overrides)
-        run = Path(args.run_dir or cfg.run_dir)
-        if not run.is_absolute():
-            run = (Path.cwd() / run).resolve()
-        stages = demo_stages(cfg, run) if cfg.mode == "demo" else real_stages(cfg, run)
-        print(f"[full_run] {cfg.mode} run in {run}" + (" (dry run)" if args.dry_run else ""), flush=True)
-        timings = run_stages(stages, run, dry_run=args.dry_run, only=args.only)
-    except (ConfigError, StageFailed) as e:
-        print(f"[full_run] {e}", file=sys.stderr)
-        return 1
-    if not args.dry_run:
-        total = sum(t.get("seconds", 0) for t in timings.values() if not t.get("skipped"))
-        print(f"[full_run] all stages done ({total:.0f} s this run)")
-        report = run / "REPORT.md"
-        if report.exists():
-            print(f"[full_run] report: {report}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

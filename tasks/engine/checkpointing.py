@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from common.state_dict import file_sha256
+from tasks.data.model_folder import WEIGHTS_NAME, write_model_files
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ __all__ = [
 
 STATE_NAME = "trainer_state.pt"
 MANIFEST_NAME = "manifest.json"
-WEIGHTS_NAME = "model.safetensors"
 LATEST = "latest"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 
@@ -78,12 +78,6 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _write_model_files(directory: Path, model: nn.Module, extras: dict[str, Any]) -> None:
-    model.save_pretrained(directory)
-    for name, content in extras.items():
-        (directory / name).write_text(json.dumps(content, indent=1), encoding="utf-8")
 
 
 def _write_manifest(directory: Path, step: int | None) -> None:
@@ -116,7 +110,7 @@ def save_model_dir(directory: str | os.PathLike, model: nn.Module, extras: dict[
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    _write_model_files(tmp, model, extras)
+    write_model_files(tmp, model, extras)
     _write_manifest(tmp, None)
     _replace_dir(tmp, directory)
     return directory
@@ -163,7 +157,7 @@ def save_checkpoint(
     tmp = checkpoints / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _write_model_files(tmp, model, extras)
+    write_model_files(tmp, model, extras)
     torch.save(trainer_state, tmp / STATE_NAME)
     _write_manifest(tmp, step)
     final = checkpoints / name

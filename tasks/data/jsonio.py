@@ -1,5 +1,10 @@
-"""Files for the converters and ``lxmert-eval``: reading official downloads with clear errors, writing
-atomically (a temporary file in the same folder, then ``os.replace``: nothing half-written is left)."""
+"""Reading and writing the project's JSON and text files: one reader, one error type.
+
+Every input file (official downloads, LXMERT's JSON, answer tables, model-folder records) is read through
+:func:`read_json` / :func:`read_text`, which raise :class:`DataFormatError` naming the file (and line / column for
+JSON). Outputs are written atomically (a temporary file in the same folder, then ``os.replace``: nothing
+half-written is left), through :func:`common.files.write_text_atomic`.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,19 @@ from typing import Any
 
 from common.files import write_text_atomic
 
-__all__ = ["DataFormatError", "read_json", "read_text", "write_items", "write_json", "write_text"]
+__all__ = [
+    "DataFormatError",
+    "read_json",
+    "read_json_list",
+    "read_text",
+    "write_items",
+    "write_json",
+    "write_text",
+]
 
 
 class DataFormatError(ValueError):
-    """A malformed input file or entry; the message names the file, line or id, and what is wrong."""
+    """A malformed or unreadable input file or entry; the message names the file, line or id, and what is wrong."""
 
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
@@ -23,7 +36,7 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataFormatError(f"{what} {path} does not exist") from None
+        raise DataFormatError(f"{what} {path} does not exist; check the path") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataFormatError(f"cannot read {what} {path}: {e}") from None
 
@@ -35,6 +48,14 @@ def read_json(path: str | os.PathLike, what: str = "file") -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{e.lineno}:{e.colno}: {what} is not valid JSON: {e.msg}") from None
+
+
+def read_json_list(path: str | os.PathLike, what: str) -> list[Any]:
+    """The top-level list of a JSON file; :class:`DataFormatError` naming the file otherwise."""
+    data = read_json(path, what)
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: the top level is a {type(data).__name__}, expected a list ({what})")
+    return data
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -1,4 +1,4 @@
-"""GQA fine-tuning: LXMERT's recipe on the feature stores (see :mod:`tasks.qa` for the data, loss and metric).
+"""GQA fine-tuning: LXMERT's recipe on the feature stores (see :mod:`tasks.finetune.qa` for the data, loss and metric).
 
 Data: LXMERT's ``{"img_id", "label": {answer: 1.0}, "question_id": str, "sent"}`` files (``lxmert-data gqa``
 writes them from the official balanced questions), the 1842-answer table ``trainval_label2ans.json``. The
@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import TrainConfig
+from tasks.data.jsonio import DataFormatError, read_json
+from tasks.finetune.qa import Prediction, QATask
 from tasks.metrics.gqa import evaluate_gqa
-from tasks.qa import Prediction, QATask, TaskDataError, read_json_document
 
 
 class GQATask(QATask):
@@ -32,17 +33,23 @@ class GQATask(QATask):
     def submission(self, preds: Sequence[Prediction]) -> list[dict[str, Any]]:
         return [{"questionId": str(p.question_id), "prediction": p.answer} for p in preds]
 
+    def official_summary(self, official: dict[str, Any]) -> str:
+        return (
+            f"official GQA accuracy: {official['accuracy']:.2f}%  binary {official['binary']:.2f}%  "
+            f"open {official['open']:.2f}%"
+        )
+
     def official_metric(self, preds: Sequence[Prediction], annotations: str) -> dict[str, Any]:
         """The official GQA scores of ``preds`` against the official questions file (e.g.
         ``testdev_balanced_questions.json``) restricted to the predicted questions, without choices (validity /
         plausibility 0, as the official without its choices file) and without consistency (no ``consistency`` key)."""
         if annotations not in self._official_docs:  # read once per run
-            self._official_docs[annotations] = read_json_document(
+            self._official_docs[annotations] = read_json(
                 annotations, "the official GQA questions ({questionId: {question, answer, ...}})"
             )
         doc = self._official_docs[annotations]
         if not isinstance(doc, dict):
-            raise TaskDataError(
+            raise DataFormatError(
                 f"{annotations}: not an official GQA questions file ({{questionId: question}}, e.g. "
                 "testdev_balanced_questions.json)"
             )
@@ -50,7 +57,7 @@ class GQATask(QATask):
         questions = {qid: q for qid, q in doc.items() if qid in wanted}
         if len(questions) != len(wanted):
             missing = sorted(wanted - set(questions))
-            raise TaskDataError(
+            raise DataFormatError(
                 f"{annotations}: {len(missing)} of the {len(wanted)} predicted questions are not in it "
                 f"(e.g. {missing[:5]}); give the questions file of the split evaluated"
             )
@@ -66,6 +73,7 @@ class GQATask(QATask):
         return scores
 
 
-def build(config: TrainConfig, model_folder: str | Path | None = None) -> GQATask:
-    """The GQA task of ``config`` (``model_folder``: see :func:`tasks.vqa.build`)."""
-    return GQATask(config, None if model_folder is None else str(model_folder))
+def build(config: TrainConfig, load: str | Path | None = None) -> GQATask:
+    """The GQA task of ``config``; ``load``: the starting model folder, whose ``label2ans.json`` / ``features.json``
+    stand in for ``data.answers`` / ``data.features`` when those are empty."""
+    return GQATask(config, None if load is None else str(load))

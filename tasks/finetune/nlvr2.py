@@ -22,27 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from model import LxmertForNLVR2, read_checkpoint
 from model.checkpoint import build_from_state_dict, to_hf_state_dict
+from model.losses import masked_mean_cross_entropy
 from tasks.config import TrainConfig
-from tasks.features import RegionFeatures, collate_regions
+from tasks.data.jsonio import DataFormatError, read_json_list, read_text
+from tasks.data.model_folder import feature_extras
+from tasks.data.regions import RegionFeatures, collate_regions
+from tasks.data.stores import keep_found_images, open_features
+from tasks.data.text import TextItemsDataset
+from tasks.engine.batching import to_device
+from tasks.engine.task import StepOutput
+from tasks.finetune.qa import check_annotations
+from tasks.finetune.qa_data import model_inputs
+from tasks.finetune.qa_model import scratch_config
 from tasks.metrics.nlvr2 import evaluate_nlvr2, parse_examples
-from tasks.qa import (
-    TaskDataError,
-    TextItemsDataset,
-    check_annotations,
-    feature_extras,
-    keep_found_images,
-    model_inputs,
-    open_features,
-    read_json_list,
-    scratch_config,
-)
-from tasks.task import StepOutput
-from tasks.trainer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +60,7 @@ class PairItem:
 def load_pair_items(paths: Sequence[str | Path]) -> list[PairItem]:
     """The examples of one or more LXMERT NLVR2 JSON files, in file order.
 
-    Raises :class:`tasks.qa.TaskDataError` naming the file, the entry and the identifier for a malformed entry,
+    Raises :class:`tasks.finetune.qa.DataFormatError` naming the file, the entry and the identifier for a malformed entry,
     and both places for an identifier (or uid) given twice.
     """
     items: list[PairItem] = []
@@ -73,27 +69,27 @@ def load_pair_items(paths: Sequence[str | Path]) -> list[PairItem]:
         for i, entry in enumerate(read_json_list(path, NLVR2_FORMAT)):
             where = f"{path}: entry {i}"
             if not isinstance(entry, dict):
-                raise TaskDataError(
+                raise DataFormatError(
                     f"{where} is a {type(entry).__name__}, expected an object ({NLVR2_FORMAT})"
                 )
             missing = [k for k in ("identifier", "img0", "img1", "sent") if k not in entry]
             if missing:
-                raise TaskDataError(
+                raise DataFormatError(
                     f"{where} (keys {sorted(entry)}) lacks {missing}; expected {NLVR2_FORMAT}"
                 )
             ident = entry["identifier"]
             where = f"{where} (identifier {ident!r})"
             if not all(isinstance(entry[k], str) for k in ("identifier", "img0", "img1", "sent")):
-                raise TaskDataError(f"{where}: identifier, img0, img1 and sent must be strings")
+                raise DataFormatError(f"{where}: identifier, img0, img1 and sent must be strings")
             label = entry.get("label")
             if label is not None and (label not in (0, 1) or isinstance(label, bool)):
-                raise TaskDataError(
+                raise DataFormatError(
                     f"{where}: label must be 0 or 1 (1 = the sentence is true), got {label!r}"
                 )
             uid = str(entry.get("uid", ident))
             for key in {ident, uid}:
                 if key in seen:
-                    raise TaskDataError(
+                    raise DataFormatError(
                         f"{where}: {key!r} is given twice (first at {seen[key]}); identifiers must be unique: "
                         "remove the duplicate or do not list a split twice"
                     )
@@ -104,7 +100,7 @@ def load_pair_items(paths: Sequence[str | Path]) -> list[PairItem]:
 
 class PairDataset(TextItemsDataset):
     """NLVR2 examples over the feature stores. Item ``i``: text ``(L,)`` tensors, ``regions`` (the two images'
-    :class:`tasks.features.Regions`), ``label`` (int, -100 when unknown), ``index``. Deterministic."""
+    :class:`tasks.data.regions.Regions`), ``label`` (int, -100 when unknown), ``index``. Deterministic."""
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
@@ -132,12 +128,6 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
         index=torch.tensor([it["index"] for it in items], dtype=torch.long),
     )
     return batch
-
-
-def pair_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean 2-way cross-entropy over the labelled pairs (labels -100 left out; 0 when none)."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
 
 
 def is_pair_head(state: dict[str, torch.Tensor], hidden: int) -> bool:
@@ -216,7 +206,7 @@ class NLVR2Task:
     def dataset(self, paths: Sequence[str | Path], split: str) -> PairDataset:
         items = self.items(paths)
         if not items:
-            raise TaskDataError(f"nlvr2 {split}: no examples in {list(map(str, paths))}")
+            raise DataFormatError(f"nlvr2 {split}: no examples in {list(map(str, paths))}")
         items = keep_found_images(
             self.features, self.config, items, lambda it: (it.img0, it.img1), split, paths
         )
@@ -237,11 +227,11 @@ class NLVR2Task:
 
     def train_dataset(self) -> PairDataset:
         if not self.config.data.train:
-            raise TaskDataError("nlvr2: data.train is empty; list the training JSON files")
+            raise DataFormatError("nlvr2: data.train is empty; list the training JSON files")
         ds = self.dataset(self.config.data.train, "train")
         unlabelled = [it.identifier for it in ds.items if it.label is None]
         if unlabelled:
-            raise TaskDataError(
+            raise DataFormatError(
                 f"nlvr2 train ({', '.join(self.config.data.train)}): {len(unlabelled)} examples have no label "
                 f"(e.g. {unlabelled[:3]}); training needs labelled splits (train, dev)"
             )
@@ -255,9 +245,8 @@ class NLVR2Task:
         return collate_pairs(items)
 
     def step(self, model: nn.Module, batch: dict[str, Any], epoch: int) -> StepOutput:
-        logits = model(**model_inputs(batch)).logits
-        loss = pair_loss(logits, batch["labels"])
-        return StepOutput(loss=loss, parts={"nlvr2": loss.detach()}, batch_size=logits.shape[0])
+        loss = model(**model_inputs(batch), labels=batch["labels"]).loss
+        return StepOutput(loss=loss, parts={"nlvr2": loss.detach()})
 
     @torch.no_grad()
     def predict(
@@ -273,7 +262,7 @@ class NLVR2Task:
             labels = batch["labels"]
             n = int((labels != -100).sum())
             if n:
-                loss_sum += float(pair_loss(logits, labels)) * n
+                loss_sum += float(masked_mean_cross_entropy(logits, labels)) * n
                 labelled += n
             prob_true = torch.softmax(logits, -1)[:, 1]
             for j, i in enumerate(batch["index"].tolist()):
@@ -304,20 +293,32 @@ class NLVR2Task:
     def checkpoint_extras(self) -> dict[str, Any]:
         return feature_extras(self.features)
 
-    # -- outputs -------------------------------------------------------------------------------------------
+    # -- predictions (lxmert-train --eval-only) -------------------------------------------------------------
+    prediction_file = "predictions.csv"
+    lxmert_metric = "accuracy"
+
     @staticmethod
-    def submission_csv(preds: Sequence[PairPrediction]) -> str:
+    def submission_text(preds: Sequence[PairPrediction]) -> str:
         """The official result file: ``identifier,True|False`` per line."""
         return "".join(f"{p.identifier},{p.prediction}\n" for p in preds)
+
+    @staticmethod
+    def lxmert_scores(preds: Sequence[PairPrediction]) -> list[float]:
+        """1.0 / 0.0 per labelled prediction (its mean is the accuracy)."""
+        return [float(p.correct) for p in preds if p.correct is not None]
+
+    @staticmethod
+    def official_summary(official: dict[str, Any]) -> str:
+        return (
+            f"official NLVR2 accuracy: {100 * official['accuracy']:.2f}%  "
+            f"consistency {100 * official['consistency']:.2f}%"
+        )
 
     def official_metric(self, preds: Sequence[PairPrediction], annotations: str) -> dict[str, Any]:
         """Official accuracy / consistency over the examples of ``annotations`` (the official JSON lines, e.g.
         ``dev.json``, or LXMERT's converted list) that were predicted."""
         path = Path(annotations)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise TaskDataError(f"{path}: cannot read the NLVR2 annotations ({err})") from None
+        text = read_text(path, "the NLVR2 annotations")
         predicted = {p.identifier: str(p.prediction) for p in preds}
         examples = [ex for ex in parse_examples(text, str(path)) if ex["identifier"] in predicted]
         return evaluate_nlvr2(
@@ -325,6 +326,7 @@ class NLVR2Task:
         )
 
 
-def build(config: TrainConfig, model_folder: str | Path | None = None) -> NLVR2Task:
-    """The NLVR2 task of ``config`` (``model_folder``: see :func:`tasks.vqa.build`)."""
-    return NLVR2Task(config, None if model_folder is None else str(model_folder))
+def build(config: TrainConfig, load: str | Path | None = None) -> NLVR2Task:
+    """The NLVR2 task of ``config``; ``load``: the starting model folder, whose ``label2ans.json`` / ``features.json``
+    stand in for ``data.answers`` / ``data.features`` when those are empty."""
+    return NLVR2Task(config, None if load is None else str(load))

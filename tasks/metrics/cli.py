@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from tasks.convert.io import DataFormatError, read_json, read_text, write_json
+from tasks.data.jsonio import DataFormatError, read_json, read_text, write_json
 from tasks.metrics.base import MetricInputError
 from tasks.metrics.gqa import evaluate_gqa, format_gqa_report
 from tasks.metrics.nlvr2 import evaluate_nlvr2, parse_examples, parse_predictions_csv

@@ -10,10 +10,11 @@ dropped), and fine-tuning VQA / GQA matches its own answers to the 9500-way head
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from tasks.data.jsonio import DataFormatError, read_json
 
 # Applied last (the original's ANS_CONVERT). The "a man" / "the man" entries never fire once the articles are
 # stripped; they are kept as the original has them.
@@ -63,19 +64,16 @@ def load_answer_table(path: str | Path, datasets: Iterable[str] | None = None) -
     only; the original's ``--qaSets``) keeps the answers used by at least one of the named datasets, in file
     order: ``{"vqa"}`` -> 3124 answers, ``{"gqa"}`` -> 1735, ``{"visual7w"}`` -> 9409; ``None`` keeps all 9500.
 
-    Raises ``ValueError`` naming the file when it is unreadable or not an answer table.
+    Raises :class:`tasks.data.jsonio.DataFormatError` (a ``ValueError``) naming the file when it is unreadable or not an answer table.
     """
     path = Path(path)
-    try:
-        data: Any = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot read the answer table ({err})") from err
+    data: Any = read_json(path, "answer table")
     if datasets is not None:
         wanted = set(datasets)
         if not (
             isinstance(data, list) and all(isinstance(a, dict) and "dsets" in a and "ans" in a for a in data)
         ):
-            raise ValueError(
+            raise DataFormatError(
                 f"{path}: selecting answers by dataset ({sorted(wanted)}) needs all_ans.json "
                 "(entries {'ans': ..., 'dsets': [...]}); pass datasets=None for other tables"
             )
@@ -85,15 +83,17 @@ def load_answer_table(path: str | Path, datasets: Iterable[str] | None = None) -
         seen = [False] * len(data)
         for ans, label in data.items():
             if not isinstance(label, int) or not 0 <= label < len(data):
-                raise ValueError(f"{path}: label {label!r} of answer {ans!r} is not in 0..{len(data) - 1}")
+                raise DataFormatError(
+                    f"{path}: label {label!r} of answer {ans!r} is not in 0..{len(data) - 1}"
+                )
             if seen[label]:
-                raise ValueError(f"{path}: label {label} is given to {answers[label]!r} and to {ans!r}")
+                raise DataFormatError(f"{path}: label {label} is given to {answers[label]!r} and to {ans!r}")
             answers[label], seen[label] = ans, True
         return answers
     if isinstance(data, list) and all(isinstance(a, str) for a in data):
         return data
     if isinstance(data, list) and all(isinstance(a, dict) and "ans" in a for a in data):
         return [a["ans"] for a in data]
-    raise ValueError(
+    raise DataFormatError(
         f"{path}: not an answer table; expected a list of answers, a list of {{'ans': ...}} or {{answer: label}}"
     )

@@ -1,0 +1,109 @@
+"""The pipeline's config (``pipelines/configs/*.yaml``; without one, the demo): one dataclass tree.
+
+Closed sets (``mode``, a fine-tuning ``task``) are ``Literal``s: a typo is refused naming the key and the choices.
+The demo's environment knobs map onto keys (:data:`ENVIRONMENT`): ``WEIGHTS`` -> ``demo.weights``, ``CONFIG`` ->
+``demo.detector_config``, ``DEVICE`` -> ``demo.device``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "ENVIRONMENT",
+    "DemoConfig",
+    "FinetuneSpec",
+    "ImageSet",
+    "LaunchConfig",
+    "PipelineConfig",
+    "RealConfig",
+]
+
+#: Environment variable -> the config key it sets (the command line's KEY=VALUE overrides come after).
+ENVIRONMENT = {"WEIGHTS": "demo.weights", "CONFIG": "demo.detector_config", "DEVICE": "demo.device"}
+
+
+@dataclass
+class DemoConfig:
+    """The bundled demo (easy-VQA, 64x64 images of one coloured shape; random-weight detector unless
+    ``WEIGHTS`` is set)."""
+
+    train_images: int = 800
+    test_images: int = 200
+    weights: str = ""  # detector weights (env WEIGHTS); empty: a detector with random weights
+    detector_config: str = ""  # env CONFIG; empty: vg_tiny with random weights, vg_r101_c4 with weights
+    device: str = ""  # env DEVICE: cpu | cuda; empty: CUDA when available
+    min_size: int = 224
+    max_size: int = 224
+    extract_batch_size: int = 8
+    pretrain_config: str = "tasks/configs/pretrain_demo.yaml"
+    vqa_config: str = "tasks/configs/vqa_demo.yaml"
+    pretrain_overrides: list[str] = field(default_factory=list)
+    vqa_overrides: list[str] = field(default_factory=list)
+    check_margin: float = 5.0  # points above the better baseline the model must reach (<0: no check)
+    draw_examples: int = 6
+
+
+@dataclass
+class ImageSet:
+    """One image folder -> one feature store ``RUN/features/<name>.lmdb``."""
+
+    name: str = ""
+    images: str = ""
+    list_file: str = ""  # optional: only these images (paths relative to ``images``)
+    id_from: str = "stem"
+
+
+@dataclass
+class FinetuneSpec:
+    """One fine-tuning task of the real recipe."""
+
+    task: Literal["vqa", "gqa", "nlvr2"] = "vqa"
+    config: str = ""  # default: tasks/configs/<task>.yaml
+    train: list[str] = field(default_factory=list)
+    valid: str = ""
+    answers: str = ""
+    features: list[str] = field(default_factory=list)  # image-set names
+    valid_annotations: str = ""  # raw official file of the valid split: the official metric
+    test: dict[str, str] = field(default_factory=dict)  # split name -> LXMERT JSON (submission files)
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RealConfig:
+    """The real datasets (``pipelines/configs/lxmert.yaml``)."""
+
+    weights: str = ""  # detector weights (any of the three published layouts, or a Hub id)
+    detector_config: str = "vg_r101_c4"
+    extract_batch_size: int = 0  # 0: extract-features' default
+    image_sets: list[ImageSet] = field(default_factory=list)
+    pretrain: bool = True
+    pretrain_config: str = "tasks/configs/pretrain_lxmert.yaml"
+    pretrain_train: list[str] = field(default_factory=list)
+    pretrain_valid: str = ""
+    pretrain_answers: str = ""
+    pretrain_features: list[str] = field(default_factory=list)  # image-set names
+    pretrain_overrides: list[str] = field(default_factory=list)
+    load: str = ""  # start fine-tuning from this checkpoint instead of our pretraining
+    finetune: list[FinetuneSpec] = field(default_factory=list)
+
+
+@dataclass
+class LaunchConfig:
+    """How commands are launched: processes per node and the torchrun rendezvous for several machines."""
+
+    gpus_per_node: int = 0  # 0: all visible GPUs (1 process on CPU)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29533
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/demo"
+    mode: Literal["demo", "real"] = "demo"
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    real: RealConfig = field(default_factory=RealConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
