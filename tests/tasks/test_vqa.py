@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -255,6 +256,20 @@ def test_model_folder_carries_answers_and_extractor(vqa_run):
     saved = load_file(str(best / "model.safetensors"))
     assert torch.equal(model.answer_head.logit_fc[3].weight, saved["answer_head.logit_fc.3.weight"])
 
+
+
+def test_task_knows_its_model_folder_before_the_model_is_built(vqa_run):
+    """A task built with --load reads the folder's answer table and stores whatever is called first (no hidden
+    ordering: datasets before build_model)."""
+    root, _, cfg = vqa_run
+    best = root / "run" / "best"
+    bare = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, answers="", features=[]))
+    task = vqa.build(bare, str(best))
+    valid = task.valid_dataset()  # before build_model: the folder's label2ans.json and features.json
+    assert task.answers == COLOURS and len(valid) == 40
+    assert [str(p) for p in task.features.paths] == cfg.data.features
+    with pytest.raises(DataFormatError, match="no feature store"):
+        vqa.build(bare).valid_dataset()
 
 def test_stopped_and_resumed_equals_uninterrupted(tmp_path: Path):
     def run(run_dir: Path, max_steps: int | None = None, resume: bool = False) -> dict:
