@@ -35,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 
 from common.distributed import DeviceError, resolve_device
 from extract.images import ImageError, load_image
@@ -43,6 +42,15 @@ from extract.runner import ExtractConfig, SetupError, extractor_settings, load_d
 from extract.store import normalize_boxes
 from extract.vg_vocab import load_vg_vocab
 from model import LxmertForQuestionAnswering, LxmertTokenizer
+from tasks.answer.loading import (
+    check_model_path,
+    check_table,
+    load_qa_model,
+    read_extractor,
+    read_stats,
+    read_table,
+    refuse_if,
+)
 from tasks.answer.results import (
     WEIGHTS_KEYS,
     Answer,
@@ -53,14 +61,6 @@ from tasks.answer.results import (
     ExtractorCheck,
     Region,
     compare_extractor,
-)
-from tasks.data.answer_table import load_answer_table
-from tasks.data.jsonio import DataFormatError
-from tasks.data.model_folder import (
-    LABEL2ANS_FILE,
-    WEIGHTS_NAME,
-    read_extractor_record,
-    read_feature_stats,
 )
 from tasks.data.regions import FeatureStats
 
@@ -121,7 +121,7 @@ class Answerer:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, dict] = OrderedDict()
         self.load_s: dict[str, float] = {}
-        _check_table(self.answers, model)
+        check_table(self.answers, model)
 
     # -- building ------------------------------------------------------------------------------------
     @classmethod
@@ -161,22 +161,22 @@ class Answerer:
         load_s: dict[str, float] = {}
         folder = Path(model_path) if Path(model_path).is_dir() else None
 
-        _check_model_path(model_path, folder)
-        table = _answer_table(model_path, folder, answers)
-        recorded = _extractor_record(folder)
-        stats = _feature_stats(folder)
+        check_model_path(model_path, folder)
+        table = read_table(model_path, folder, answers)
+        recorded = read_extractor(folder)
+        stats = read_stats(folder)
 
         # Settings known before loading are checked first (a --strict refusal costs nothing), the weights' sha256
         # once they are loaded (hashed while reading them).
         early = compare_extractor(
             recorded, extractor_settings(extract_config, None), str(model_path), ignore=WEIGHTS_KEYS
         )
-        _refuse_if(strict, model_path, early)
+        refuse_if(strict, model_path, early)
 
         start = time.perf_counter()
-        model = _load_model(model_path, dev)
+        model = load_qa_model(model_path, dev)
         load_s["model"] = time.perf_counter() - start
-        _check_table(table, model)
+        check_table(table, model)
 
         start = time.perf_counter()
         try:
@@ -193,7 +193,7 @@ class Answerer:
         sha, layout = (report.sha256, getattr(report, "layout", None)) if report is not None else (None, None)
         settings = extractor_settings(extract_config, sha, layout)
         check = compare_extractor(recorded, settings, source=str(model_path))
-        _refuse_if(strict, model_path, check)
+        refuse_if(strict, model_path, check)
         if check.differences and warn:
             warnings.warn(
                 f"{model_path} was trained on features from another extractor: "
@@ -259,7 +259,6 @@ class Answerer:
         return record, seconds
 
     # -- answering -----------------------------------------------------------------------------------
-    @torch.inference_mode()
     def answer(self, image: str | os.PathLike, question: str, top_k: int = 5) -> AnswerResult:
         """Answer ``question`` about the image file ``image``.
 
@@ -270,148 +269,98 @@ class Answerer:
         Raises:
             AnswerInputError: empty question, unreadable image, no region found.
         """
-        if not isinstance(question, str) or not question.strip():
-            raise AnswerInputError(f"empty question about {image}; give the question as text")
-        record, extract_s = self.regions(image)
-        n = int(record["features"].shape[0])
-        if n == 0:
-            raise AnswerInputError(f"image {image}: the detector found no region to answer from")
-        start = time.perf_counter()
-        feats = np.asarray(record["features"], dtype=np.float32)
-        if self.feature_stats is not None:  # as the training data was read (tasks.data.regions)
-            feats = self.feature_stats.apply(feats)
-        feats = torch.from_numpy(feats)[None].to(self.device)
-        boxes = normalize_boxes(record["boxes"], record["img_h"], record["img_w"])
-        pos = torch.from_numpy(boxes)[None].to(self.device)
-        enc = {k: v.to(self.device) for k, v in self.tokenizer(question).items()}
+        result = self.answer_batch([(image, question)], top_k)[0]
+        if isinstance(result, AnswerInputError):
+            raise result
+        return result
+
+    @torch.inference_mode()
+    def answer_batch(
+        self, questions: list[tuple[str | os.PathLike, str]], top_k: int = 5
+    ) -> list[AnswerResult | AnswerInputError]:
+        """Answer several ``(image file, question)`` pairs with one model forward (what a server's micro batch
+        needs): each image's regions once (the detector runs one image at a time), the batch padded to the most
+        regions with a visual attention mask. One result per pair, in order; a pair that cannot be answered gets
+        its :class:`AnswerInputError` in its place instead of failing the others."""
+        results: list[AnswerResult | AnswerInputError | None] = [None] * len(questions)
+        records: dict[str, tuple[dict[str, Any], float]] = {}
+        ready: list[tuple[int, dict[str, Any], float]] = []
+        for k, (image, question) in enumerate(questions):
+            if not isinstance(question, str) or not question.strip():
+                results[k] = AnswerInputError(f"empty question about {image}; give the question as text")
+                continue
+            try:
+                if str(image) not in records:
+                    records[str(image)] = self.regions(image)
+                    extract_s = records[str(image)][1]
+                else:
+                    extract_s = 0.0  # the same image earlier in this batch
+                record = records[str(image)][0]
+            except AnswerInputError as e:
+                results[k] = e
+                continue
+            if int(record["features"].shape[0]) == 0:
+                results[k] = AnswerInputError(f"image {image}: the detector found no region to answer from")
+                continue
+            ready.append((k, record, extract_s))
+        if ready:
+            start = time.perf_counter()
+            probs, attention = self._forward([questions[k][1] for k, _, _ in ready], [r for _, r, _ in ready])
+            model_s = (time.perf_counter() - start) / len(ready)
+            for row, (k, record, extract_s) in enumerate(ready):
+                image, question = questions[k]
+                n = int(record["features"].shape[0])
+                top = torch.topk(probs[row], k=max(1, min(int(top_k), probs.shape[1])))
+                regions = [
+                    Region(
+                        box=[float(v) for v in record["boxes"][i]],
+                        object=self.vocab.object_name(record["obj_ids"][i]),
+                        attribute=self.vocab.attribute_name(record["attr_ids"][i]),
+                        attention=float(attention[row, i]),
+                    )
+                    for i in range(n)
+                ]
+                answers = [
+                    Answer(self.answers[int(i)], float(p))
+                    for p, i in zip(top.values.tolist(), top.indices.tolist())
+                ]
+                results[k] = AnswerResult(
+                    str(image), question, answers, regions, extract_s=extract_s, model_s=model_s
+                )
+        return results  # type: ignore[return-value]
+
+    def _forward(
+        self, questions: list[str], records: list[dict[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward over ``len(questions)`` (question, region record) rows: answer probabilities ``(B, A)`` and
+        the [CLS]->region attention of the last cross-modality layer, mean over heads ``(B, V)`` (0 on padding)."""
+        counts = [int(r["features"].shape[0]) for r in records]
+        v = max(counts)
+        dim = int(records[0]["features"].shape[1])
+        feats = np.zeros((len(records), v, dim), np.float32)
+        pos = np.zeros((len(records), v, 4), np.float32)
+        for row, record in enumerate(records):
+            f = np.asarray(record["features"], dtype=np.float32)
+            if self.feature_stats is not None:  # as the training data was read (tasks.data.regions)
+                f = self.feature_stats.apply(f)
+            feats[row, : counts[row]] = f
+            pos[row, : counts[row]] = normalize_boxes(record["boxes"], record["img_h"], record["img_w"])
+        mask = None
+        if min(counts) < v:  # uneven region counts: mask the padding (as training batches do)
+            mask = torch.tensor([[1.0] * c + [0.0] * (v - c) for c in counts], device=self.device)
+        enc = {k: t.to(self.device) for k, t in self.tokenizer(questions).items()}
         dtype = self.extract_config.amp_dtype
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             out = self.model(
                 input_ids=enc["input_ids"],
                 attention_mask=enc["attention_mask"],
                 token_type_ids=enc["token_type_ids"],
-                visual_feats=feats,
-                visual_pos=pos,
+                visual_feats=torch.from_numpy(feats).to(self.device),
+                visual_pos=torch.from_numpy(pos).to(self.device),
+                visual_attention_mask=mask,
                 output_attentions=True,
             )
-        probs = F.softmax(out.question_answering_score[0].float(), dim=-1)
-        top = torch.topk(probs, k=max(1, min(int(top_k), probs.numel())))
+        probs = F.softmax(out.question_answering_score.float(), dim=-1)
         cross = out.cross_encoder_attentions
-        attention = cross[-1][0, :, 0, :].float().mean(0) if cross else torch.zeros(n)
-        model_s = time.perf_counter() - start
-        vocab = self.vocab
-        regions = [
-            Region(
-                box=[float(v) for v in record["boxes"][i]],
-                object=vocab.object_name(record["obj_ids"][i]),
-                attribute=vocab.attribute_name(record["attr_ids"][i]),
-                attention=float(attention[i]),
-            )
-            for i in range(n)
-        ]
-        answers = [
-            Answer(self.answers[int(i)], float(p)) for p, i in zip(top.values.tolist(), top.indices.tolist())
-        ]
-        return AnswerResult(str(image), question, answers, regions, extract_s=extract_s, model_s=model_s)
-
-
-# ------------------------------------------------------------------------------------------- loading parts
-def _check_table(answers: list[str], model: LxmertForQuestionAnswering) -> None:
-    if len(answers) != model.config.num_qa_labels:
-        raise AnswerSetupError(
-            f"the answer table has {len(answers)} answers but the model's answer head has "
-            f"{model.config.num_qa_labels} outputs; pass the label2ans.json the model was fine-tuned with"
-        )
-
-
-def _check_model_path(model_path: Any, folder: Path | None) -> None:
-    """Refuse, before anything slow and before asking for an answer table, a model path that names nothing
-    (neither a local folder / file nor a Hub id ``owner/name``) and a local model folder whose weights hold no
-    question-answering head (a backbone, or an NLVR2 pair head)."""
-    text = str(model_path)
-    if folder is None and not Path(text).exists():
-        parts = text.split("/")
-        if len(parts) != 2 or not all(parts) or text.startswith((".", "~")):
-            raise AnswerSetupError(
-                f"model {text}: no such folder or file; give a fine-tuned model folder (RUN_DIR/best), a checkpoint "
-                "file or a Hugging Face Hub id (owner/name)"
-            )
-        return
-    weights = folder / WEIGHTS_NAME if folder is not None else None
-    if weights is None or not weights.is_file():
-        return
-    try:
-        with safe_open(str(weights), framework="pt") as f:  # the header only: no tensor is read
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if "logit_fc" in k}
-    except (OSError, ValueError, RuntimeError):
-        return  # unreadable: the model loader names the problem
-    out = next((shape for key, shape in shapes.items() if key.endswith("logit_fc.3.weight")), None)
-    first = next((shape for key, shape in shapes.items() if key.endswith("logit_fc.0.weight")), None)
-    if out is None:
-        raise AnswerSetupError(
-            f"{text} has no answer head ({weights.name} holds no answer_head.logit_fc.*): it is an encoder-only "
-            "checkpoint; fine-tune it first (lxmert-train vqa / gqa) or pass a fine-tuned model folder"
-        )
-    if first is not None and len(first) == 2 and first[0] == first[1] and out[0] == 2:
-        raise AnswerSetupError(
-            f"{text} is an NLVR2 model (a true / false head over image pairs), not a question-answering one; pass "
-            "a VQA or GQA model folder"
-        )
-
-
-def _answer_table(model_path: Any, folder: Path | None, answers: Any) -> list[str]:
-    path = Path(answers) if answers is not None else (folder / LABEL2ANS_FILE if folder is not None else None)
-    if path is None or not path.is_file():
-        if answers is not None:
-            raise AnswerSetupError(f"answer table {answers} not found; give the model's label2ans.json")
-        hub = "" if Path(str(model_path)).exists() else f" (no local {model_path} exists: read as a Hub id)"
-        raise AnswerSetupError(
-            f"{model_path} carries no answer table ({LABEL2ANS_FILE}){hub}; pass --answers label2ans.json (e.g. "
-            "LXMERT's vqa trainval_label2ans.json for unc-nlp/lxmert-vqa-uncased)"
-        )
-    try:
-        return load_answer_table(path)
-    except ValueError as e:
-        raise AnswerSetupError(str(e)) from None
-
-
-def _extractor_record(folder: Path | None) -> Any:
-    try:
-        return read_extractor_record(folder)
-    except DataFormatError as e:
-        raise AnswerSetupError(f"{e}; restore the file or remove it") from None
-
-
-def _feature_stats(folder: Path | None) -> FeatureStats | None:
-    """The standardisation (per-dimension mean / std) the model was fine-tuned with (``features.json``), or None."""
-    try:
-        return read_feature_stats(folder)
-    except DataFormatError as e:
-        raise AnswerSetupError(
-            f"{folder}: the model's feature record is unusable ({e}); restore it"
-        ) from None
-
-
-def _refuse_if(strict: bool, model_path: Any, check: ExtractorCheck) -> None:
-    if strict and check.differences:
-        raise AnswerSetupError(
-            f"{model_path} was trained on features from another extractor: "
-            + "; ".join(check.differences)
-            + ". Use the extractor settings it was trained with, or drop --strict to answer anyway"
-        )
-
-
-def _load_model(model_path: Any, device: torch.device) -> LxmertForQuestionAnswering:
-    try:
-        model = LxmertForQuestionAnswering.from_pretrained(model_path, map_location="cpu")
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise AnswerSetupError(f"cannot load the model {model_path}: {e}") from None
-    report = model.load_report
-    head = [k for k in (report.missing if report else []) if k.startswith("answer_head.")]
-    head += [k for k, *_ in (report.mismatched if report else []) if k.startswith("answer_head.")]
-    if head:
-        raise AnswerSetupError(
-            f"{model_path} has no answer head (missing: {', '.join(head[:3])}); it is a pretraining or backbone "
-            "checkpoint: fine-tune it first (lxmert-train vqa / gqa) or pass a fine-tuned model folder"
-        )
-    return model.to(device).eval()
+        attention = cross[-1][:, :, 0, :].float().mean(1) if cross else torch.zeros(len(records), v)
+        return probs.cpu(), attention.cpu()

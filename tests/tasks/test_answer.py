@@ -218,6 +218,46 @@ def test_several_questions_reuse_one_extraction(built: dict, answerer: Answerer)
     assert sum(a.prob for a in first.answers) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_a_batch_answers_as_one_question_at_a_time(
+    built: dict, answerer: Answerer, tmp_path: Path, monkeypatch
+) -> None:
+    """answer_batch (one forward, padded regions + mask): the same answers and attention as answering each pair
+    alone; a pair that cannot be answered gets its error in its place, the others are answered."""
+    other = _image(tmp_path / "other.png", 80, 50, seed=5)
+    regions = answerer.regions
+
+    def fewer_regions_for_other(image):  # uneven region counts in one batch (a detector keeping 10..36 boxes)
+        record, seconds = regions(image)
+        if Path(image) == other:
+            record = {k: v[:20] if hasattr(v, "shape") else v for k, v in record.items()}
+        return record, seconds
+
+    monkeypatch.setattr(answerer, "regions", fewer_regions_for_other)
+    pairs = [
+        (built["image"], QUESTION),
+        (other, "what color is it?"),
+        (tmp_path / "missing.png", QUESTION),
+        (built["image"], "   "),
+        (other, QUESTION),
+    ]
+    batch = answerer.answer_batch(pairs, top_k=3)
+    assert [type(r).__name__ for r in batch] == ["AnswerResult"] * 2 + ["AnswerInputError"] * 2 + [
+        "AnswerResult"
+    ]
+    assert "missing.png" in str(batch[2]) and "empty question" in str(batch[3])
+    for (image, question), got in zip(pairs, batch):
+        if isinstance(got, Exception):
+            continue
+        alone = answerer.answer(image, question, top_k=3)
+        assert [a.answer for a in got.answers] == [a.answer for a in alone.answers]
+        assert [a.prob for a in got.answers] == pytest.approx([a.prob for a in alone.answers], abs=1e-5)
+        assert [r.attention for r in got.regions] == pytest.approx(
+            [r.attention for r in alone.regions], abs=1e-5
+        )
+    regions = {len(r.regions) for r in batch if not isinstance(r, Exception)}
+    assert len(regions) == 2, regions  # uneven region counts: the padding path was exercised
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def test_cli_json_and_picture_of_the_image_size(built: dict, tmp_path: Path, capsys) -> None:
     picture = tmp_path / "seen.png"
