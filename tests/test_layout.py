@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("extract", "model", "common", "tasks", "pipelines")
 #: the tasks that use the engine, and the applications above them
-_TASK_ROLES = ("tasks.pretrain", "tasks.finetune", "tasks.answer", "tasks.registry", "tasks.cli")
+_TASK_ROLES = ("tasks.pretrain", "tasks.finetune", "tasks.answer", "tasks.serve", "tasks.registry", "tasks.cli")
 #: package (dotted prefix) -> the modules (dotted prefixes) it must never import
 FORBIDDEN: dict[str, frozenset[str]] = {
     "extract": frozenset({"model", "tasks", "pipelines"}),

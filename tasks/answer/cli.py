@@ -41,7 +41,14 @@ from tasks.answer.answerer import (
 )
 from tasks.answer.drawing import draw_result
 
-__all__ = ["QuestionLine", "build_parser", "main", "read_questions"]
+__all__ = [
+    "QuestionLine",
+    "add_answerer_arguments",
+    "build_parser",
+    "extract_config_from_args",
+    "main",
+    "read_questions",
+]
 
 PROG = "lxmert-answer"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2
@@ -122,6 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--questions", metavar="FILE", help='JSON lines {"image": PATH, "question": TEXT}, one per line'
     )
     p.add_argument("--out", metavar="FILE", help="--questions: write the JSON lines here instead of stdout")
+    add_answerer_arguments(p)
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true", help="one JSON object per question instead of text")
+    g.add_argument("--draw", metavar="OUT.png", help="write the image shaded by the model's attention")
+    g.add_argument("--top-k", type=int, default=5, help="answers shown per question")
+    g.add_argument("--verbose", action="store_true", help="library logs and per-question times")
+    return p
+
+
+def add_answerer_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, detector, image and execution flags shared by ``lxmert-answer`` and ``lxmert-serve``; read back
+    with :func:`extract_config_from_args`."""
     g = p.add_argument_group("model")
     g.add_argument(
         "--model", required=True, help="fine-tuned model folder (RUN_DIR/best), checkpoint file or Hub id"
@@ -129,17 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--answers", metavar="FILE", help="answer table (label2ans.json) for a model that carries none"
     )
-    g.add_argument("--top-k", type=int, default=5, help="answers shown per question")
+    g.add_argument(
+        "--strict", action="store_true", help="refuse a model trained on features from another extractor"
+    )
     add_detector_arguments(
         p.add_argument_group("detector (as extract-features)"),
         p.add_argument_group("images (as extract-features)"),
     )
-    g = p.add_argument_group("output and execution")
-    g.add_argument("--json", action="store_true", help="one JSON object per question instead of text")
-    g.add_argument("--draw", metavar="OUT.png", help="write the image shaded by the model's attention")
-    g.add_argument(
-        "--strict", action="store_true", help="refuse a model trained on features from another extractor"
-    )
+    g = p.add_argument_group("execution")
     g.add_argument(
         "--device", default=_default("device"), help="cuda | cuda:N | cpu (None: cuda when available)"
     )
@@ -149,11 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=_default("amp"),
         help="autocast for detector and model",
     )
-    g.add_argument("--verbose", action="store_true", help="library logs and per-question times")
-    return p
 
 
-def _extract_config(args: argparse.Namespace) -> ExtractConfig:
+def extract_config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    """The detector's :class:`ExtractConfig` from the flags of :func:`add_answerer_arguments`; ValueError naming
+    the problem."""
+    if not args.random_weights and not args.weights:
+        raise ValueError(
+            "--weights FILE is required (e.g. faster_rcnn_from_caffe_attr.pkl), or --random-weights"
+        )
     return detector_config_from_args(args, out="", device=args.device, amp=args.amp)
 
 
@@ -190,8 +210,6 @@ def _check_args(args: argparse.Namespace) -> str | None:
         target = getattr(args, name)
         if target is not None and not Path(target).resolve().parent.is_dir():
             return f"--{name} {target}: the folder {Path(target).resolve().parent} does not exist"
-    if not args.random_weights and not args.weights:
-        return "--weights FILE is required (e.g. faster_rcnn_from_caffe_attr.pkl), or --random-weights"
     if args.top_k < 1:
         return f"--top-k must be >= 1, got {args.top_k}"
     return None
@@ -204,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = _check_args(args)
     if problem is None:
         try:
-            config = _extract_config(args)
+            config = extract_config_from_args(args)
         except ValueError as e:
             problem = str(e)
     if problem is not None:

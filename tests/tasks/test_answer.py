@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from answer_model import ANSWERS, SMALL, build_answer_model, make_image
 from PIL import Image
-from safetensors.torch import save_file
 
 from common.config import field_choices
-from extract.detector import build_vg_detector, get_detector_cfg
-from extract.runner import ExtractConfig, ImageItem, run_extraction
+from extract.runner import ExtractConfig
 from extract.selection import BoxSelection
 from extract.store import FeatureStore
 from extract.vg_vocab import load_vg_vocab
@@ -31,12 +30,7 @@ from tasks.answer.answerer import (
 )
 from tasks.answer.cli import build_parser, main, read_questions
 from tasks.answer.drawing import draw_result
-from tasks.data.model_folder import feature_extras
-from tasks.data.regions import RegionFeatures
-from tasks.engine.checkpointing import save_model_dir
 
-SMALL = {"min_size": 64, "max_size": 112}  # tiny resized images keep the detector fast
-ANSWERS = ["yes", "no", "2", "red", "frisbee", "dog", "table"]
 QUESTION = "What is the man holding?"
 
 
@@ -48,66 +42,9 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _image(path: Path, h: int, w: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    img[h // 4 : h // 2, w // 3 : 2 * w // 3] = (220, 30, 30)  # something for the detector to look at
-    Image.fromarray(img).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict:
-    """Detector weights file, one image, its store (extracted with those weights), a model folder trained 'on'
-    that store: model.safetensors + config.json, label2ans.json, extractor.json from the store's metadata."""
-    root = tmp_path_factory.mktemp("answer")
-    detector = build_vg_detector(get_detector_cfg("vg_tiny"), "cpu", seed=3)
-    weights = root / "vg_tiny_random.safetensors"
-    save_file({k: v.contiguous() for k, v in detector.state_dict().items()}, str(weights))
-    image = _image(root / "photo.png", 60, 90, seed=0)
-    store = root / "features.lmdb"
-    config = ExtractConfig(
-        out=str(store),
-        weights=str(weights),
-        config="vg_tiny",
-        workers=0,
-        batch_size=1,
-        progress=False,
-        **SMALL,
-    )
-    summary = run_extraction(config, [ImageItem("photo", str(image))])
-    assert summary.done == 1, summary.format()
-    with FeatureStore(store) as fs:
-        extractor = fs.metadata["extractor"]
-
-    torch.manual_seed(0)
-    model_config = LxmertConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        l_layers=1,
-        r_layers=1,
-        x_layers=2,
-        visual_feat_dim=detector.feature_dim,
-        num_qa_labels=len(ANSWERS),
-        initializer_range=0.3,  # large weights: the answers depend clearly on the regions
-    )
-    model = LxmertForQuestionAnswering(model_config).eval()
-    folder = (
-        root / "best"
-    )  # as fine-tuning saves RUN_DIR/best: weights, config, answer table, feature records
-    extras = {"label2ans.json": ANSWERS, **feature_extras(RegionFeatures([store]))}
-    save_model_dir(folder, model, extras)
-    assert json.loads((folder / "extractor.json").read_text()) == [extractor]
-    return {
-        "root": root,
-        "weights": weights,
-        "image": image,
-        "store": store,
-        "model_dir": folder,
-        "model": model,
-        "extractor": extractor,
-    }
+    return build_answer_model(tmp_path_factory.mktemp("answer"))
 
 
 def _answer_config(built: dict, **kw) -> ExtractConfig:
@@ -223,7 +160,7 @@ def test_a_batch_answers_as_one_question_at_a_time(
 ) -> None:
     """answer_batch (one forward, padded regions + mask): the same answers and attention as answering each pair
     alone; a pair that cannot be answered gets its error in its place, the others are answered."""
-    other = _image(tmp_path / "other.png", 80, 50, seed=5)
+    other = make_image(tmp_path / "other.png", 80, 50, seed=5)
     regions = answerer.regions
 
     def fewer_regions_for_other(image):  # uneven region counts in one batch (a detector keeping 10..36 boxes)
@@ -409,7 +346,7 @@ def test_api_errors(built: dict, answerer: Answerer, tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------- questions mode
 def test_questions_file_bad_lines_reported_rest_answered(built: dict, tmp_path: Path, capsys) -> None:
-    second = _image(tmp_path / "second.jpg", 50, 40, seed=1)
+    second = make_image(tmp_path / "second.jpg", 50, 40, seed=1)
     questions = tmp_path / "questions.jsonl"
     lines = [
         json.dumps({"image": str(built["image"]), "question": QUESTION, "question_id": 7}),
