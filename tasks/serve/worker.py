@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -69,8 +70,10 @@ class AnswerWorker:
         return job.future
 
     def close(self) -> None:
+        """Finish the queued jobs, stop the thread, remove the pictures' folder."""
         self._queue.put(None)
         self._thread.join(timeout=60)
+        shutil.rmtree(self._pictures, ignore_errors=True)
 
     @property
     def busy(self) -> int:
