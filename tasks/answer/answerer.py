@@ -226,37 +226,71 @@ class Answerer:
         Raises:
             AnswerInputError: the file cannot be read as an image, or the detector fails on it.
         """
-        path = str(image)
-        try:
-            st = os.stat(path)
-            key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-        except OSError:
-            key = None  # load_image names the problem
-        if key is not None and key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key], 0.0
+        found = self.regions_many([image])[str(image)]
+        if isinstance(found, AnswerInputError):
+            raise found
+        return found
+
+    def regions_many(
+        self, images: list[str | os.PathLike]
+    ) -> dict[str, tuple[dict[str, Any], float] | AnswerInputError]:
+        """:meth:`regions` of several images, the ones not cached in ONE detector call (as ``extract-features``
+        batches images; a batch's records equal one-at-a-time records). Keyed by ``str(image)``; an image that
+        cannot be used gets its :class:`AnswerInputError` (a failing batch is retried image by image, so one bad
+        image does not fail the others). The seconds of a batch are shared equally by its images."""
+        out: dict[str, tuple[dict[str, Any], float] | AnswerInputError] = {}
+        todo: list[tuple[str, tuple | None, Any]] = []
         cfg = self.extract_config
+        for image in dict.fromkeys(map(str, images)):
+            try:
+                st = os.stat(image)
+                key = (os.path.abspath(image), st.st_size, st.st_mtime_ns)
+            except OSError:
+                key = None  # load_image names the problem
+            if key is not None and key in self._cache:
+                self._cache.move_to_end(key)
+                out[image] = (self._cache[key], 0.0)
+                continue
+            try:
+                todo.append((image, key, load_image(image, cfg.min_size, cfg.max_size, cfg.max_pixels)))
+            except ImageError as e:
+                out[image] = AnswerInputError(f"image {e.path}: {e.reason}")
+        if not todo:
+            return out
         start = time.perf_counter()
         try:
-            loaded = load_image(path, cfg.min_size, cfg.max_size, cfg.max_pixels)
-        except ImageError as e:
-            raise AnswerInputError(f"image {e.path}: {e.reason}") from None
-        try:
-            record = self.detector.extract(
-                [loaded.image.to(self.device)], [loaded.orig_size], cfg.selection, amp_dtype=cfg.amp_dtype
-            )[0]
-        except Exception as e:
-            h, w = loaded.size
-            raise AnswerInputError(
-                f"image {path}: the detector failed on the {w}x{h} resized image ({type(e).__name__}: {e})"
-            ) from None
-        record["img_h"], record["img_w"] = (int(v) for v in loaded.orig_size)
-        seconds = time.perf_counter() - start
-        if key is not None and self.cache_size > 0:
-            self._cache[key] = record
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-        return record, seconds
+            records = self._detect([loaded for _, _, loaded in todo])
+        except Exception:  # noqa: BLE001 - find the image that fails, answer the others
+            records = []
+            for image, _, loaded in todo:
+                try:
+                    records.extend(self._detect([loaded]))
+                except Exception as e:  # noqa: BLE001
+                    h, w = loaded.size
+                    records.append(
+                        AnswerInputError(
+                            f"image {image}: the detector failed on the {w}x{h} resized image ({type(e).__name__}: {e})"
+                        )
+                    )
+        seconds = (time.perf_counter() - start) / len(todo)
+        for (image, key, loaded), record in zip(todo, records):
+            if isinstance(record, AnswerInputError):
+                out[image] = record
+                continue
+            record["img_h"], record["img_w"] = (int(v) for v in loaded.orig_size)
+            out[image] = (record, seconds)
+            if key is not None and self.cache_size > 0:
+                self._cache[key] = record
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return out
+
+    def _detect(self, loaded: list[Any]) -> list[dict[str, Any]]:
+        cfg = self.extract_config
+        images = [item.image.to(self.device) for item in loaded]
+        return self.detector.extract(
+            images, [item.orig_size for item in loaded], cfg.selection, amp_dtype=cfg.amp_dtype
+        )
 
     # -- answering -----------------------------------------------------------------------------------
     def answer(self, image: str | os.PathLike, question: str, top_k: int = 5) -> AnswerResult:
@@ -283,22 +317,21 @@ class Answerer:
         regions with a visual attention mask. One result per pair, in order; a pair that cannot be answered gets
         its :class:`AnswerInputError` in its place instead of failing the others."""
         results: list[AnswerResult | AnswerInputError | None] = [None] * len(questions)
-        records: dict[str, tuple[dict[str, Any], float]] = {}
+        asked = [str(image) for image, q in questions if isinstance(q, str) and q.strip()]
+        found = self.regions_many(asked) if asked else {}
+        seen: set[str] = set()
         ready: list[tuple[int, dict[str, Any], float]] = []
         for k, (image, question) in enumerate(questions):
             if not isinstance(question, str) or not question.strip():
                 results[k] = AnswerInputError(f"empty question about {image}; give the question as text")
                 continue
-            try:
-                if str(image) not in records:
-                    records[str(image)] = self.regions(image)
-                    extract_s = records[str(image)][1]
-                else:
-                    extract_s = 0.0  # the same image earlier in this batch
-                record = records[str(image)][0]
-            except AnswerInputError as e:
-                results[k] = e
+            regions = found[str(image)]
+            if isinstance(regions, AnswerInputError):
+                results[k] = regions
                 continue
+            record, extract_s = regions
+            extract_s = 0.0 if str(image) in seen else extract_s  # the same image earlier in this batch
+            seen.add(str(image))
             if int(record["features"].shape[0]) == 0:
                 results[k] = AnswerInputError(f"image {image}: the detector found no region to answer from")
                 continue

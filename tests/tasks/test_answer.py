@@ -161,15 +161,21 @@ def test_a_batch_answers_as_one_question_at_a_time(
     """answer_batch (one forward, padded regions + mask): the same answers and attention as answering each pair
     alone; a pair that cannot be answered gets its error in its place, the others are answered."""
     other = make_image(tmp_path / "other.png", 80, 50, seed=5)
-    regions = answerer.regions
+    regions_many = answerer.regions_many
 
-    def fewer_regions_for_other(image):  # uneven region counts in one batch (a detector keeping 10..36 boxes)
-        record, seconds = regions(image)
-        if Path(image) == other:
-            record = {k: v[:20] if hasattr(v, "shape") else v for k, v in record.items()}
-        return record, seconds
+    def fewer_regions_for_other(
+        images,
+    ):  # uneven region counts in one batch (a detector keeping 10..36 boxes)
+        found = regions_many(images)
+        if str(other) in found and not isinstance(found[str(other)], Exception):
+            record, seconds = found[str(other)]
+            found[str(other)] = (
+                {k: v[:20] if hasattr(v, "shape") else v for k, v in record.items()},
+                seconds,
+            )
+        return found
 
-    monkeypatch.setattr(answerer, "regions", fewer_regions_for_other)
+    monkeypatch.setattr(answerer, "regions_many", fewer_regions_for_other)
     pairs = [
         (built["image"], QUESTION),
         (other, "what color is it?"),
@@ -193,6 +199,32 @@ def test_a_batch_answers_as_one_question_at_a_time(
         )
     regions = {len(r.regions) for r in batch if not isinstance(r, Exception)}
     assert len(regions) == 2, regions  # uneven region counts: the padding path was exercised
+
+
+def test_images_of_a_batch_go_through_the_detector_together(
+    built: dict, answerer: Answerer, tmp_path: Path
+) -> None:
+    """regions_many: the uncached images in one detector call give the records of one-at-a-time extraction; an
+    unreadable image gets its error and the others their regions."""
+    a = make_image(tmp_path / "a.png", 70, 40, seed=21)
+    b = make_image(tmp_path / "b.png", 45, 90, seed=22)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    alone = {}
+    for path in (a, b):
+        fresh = Answerer(
+            answerer.model, answerer.detector, answerer.extract_config, answerer.answers, cache_size=0
+        )
+        alone[str(path)] = fresh.regions(path)[0]
+    together = Answerer(answerer.model, answerer.detector, answerer.extract_config, answerer.answers)
+    found = together.regions_many([a, bad, b, a])
+    assert set(found) == {str(a), str(bad), str(b)} and isinstance(found[str(bad)], AnswerInputError)
+    for path in (a, b):
+        record, seconds = found[str(path)]
+        assert seconds > 0
+        for key in ("features", "boxes", "obj_ids", "attr_ids"):
+            np.testing.assert_allclose(record[key], alone[str(path)][key], rtol=1e-4, atol=1e-4)
+    assert together.regions(a)[1] == 0.0  # cached after the batch
 
 
 # ----------------------------------------------------------------------------------------------- CLI
