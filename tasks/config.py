@@ -74,7 +74,8 @@ class TrainLoopConfig:
     epochs: int = 20
     seed: int = 9595
     device: str = ""  # "" = CUDA when available, else CPU
-    amp: AmpName = "auto"  # auto: bf16 on CUDA / CPUs with native bf16, else none
+    amp: AmpName = "auto"  # auto: bf16 on CUDA / CPUs with native bf16, else none (the recipes: none)
+    tf32: bool = False  # CUDA: TensorFloat-32 for float32 matmuls / convolutions; false = IEEE float32
     grad_accumulation: int = 0  # 0 = as needed so that the global batch fits the per-process micro batch
     micro_batch_size: int = 0  # per process per forward; 0 = global batch / world size
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at epoch ends)
