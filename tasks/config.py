@@ -98,6 +98,9 @@ class PretrainConfig:
     visual_losses: list[str] = field(default_factory=lambda: ["obj", "attr", "feat"])
     word_mask_rate: float = 0.15
     obj_mask_rate: float = 0.15
+    # always: words and regions are masked whatever losses are on (the original: an ablation changes the
+    # losses, not the inputs); with_loss: words only with mlm, regions only with a visual loss
+    mask_inputs: Literal["always", "with_loss"] = "always"
     visual_losses_masked_only: bool = False  # the original weights obj/attr CE over ALL regions
     qa_start_epoch: int = 0  # the paper: 10 (no QA in the first 10 epochs); the released code: 0
     qa_weight: float = 1.0  # the paper: 2.0 in the QA stage
