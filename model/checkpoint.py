@@ -41,6 +41,7 @@ CONFIG_NAME = "config.json"
 TIED_DECODER_KEY = "cls.predictions.decoder.weight"
 _BACKBONE_ROOTS = ("embeddings.", "encoder.", "pooler.")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
+_WHOLE_HEAD = "answer_head."  # an MLP: its layers load together or not at all
 
 
 def _short(keys: list[str], n: int = 6) -> str:
@@ -252,7 +253,8 @@ def load_state_dict_into(
     """Copy a Hugging Face-named state dict (see :func:`to_hf_state_dict`) into ``model``.
 
     Backbone weights must all be present with the right shapes, otherwise ``ValueError`` (nothing is half
-    loaded silently); head weights that are missing or of another shape are reported and left initialised.
+    loaded silently); head weights that are missing or of another shape are reported and left initialised. The
+    answer head (``answer_head.logit_fc``, one MLP) loads whole or not at all (the rest: ``report.defaulted``).
     """
     prefix = getattr(model, "backbone_prefix", "lxmert.")
     state = dict(hf_state)
@@ -275,6 +277,13 @@ def load_state_dict_into(
 
     def is_backbone(key: str) -> bool:
         return key.startswith(prefix) if prefix else key.startswith(_BACKBONE_ROOTS)
+
+    # The answer MLP loads whole or not at all: one of another shape (e.g. a QA head offered to NLVR2's pair
+    # head, whose LayerNorm and first bias happen to fit) keeps the model's initialisation, every layer of it.
+    if any(k.startswith(_WHOLE_HEAD) for k, _, _ in report.mismatched):
+        for key in [k for k in to_load if k.startswith(_WHOLE_HEAD)]:
+            del to_load[key]
+            report.defaulted.append(key)
 
     bad_missing = [k for k in report.missing if is_backbone(k)]
     bad_shape = [m for m in report.mismatched if is_backbone(m[0])]

@@ -187,6 +187,9 @@ def train(
         "valid": loop.valid_metrics,
         "best_score": p.best_score,
         "bad_steps": p.bad_total,
+        "dropped_items": dict(
+            getattr(task, "dropped_items", {})
+        ),  # split -> items whose image is in no store
         "final": str(run_dir / "final"),
         "best": str(run_dir / "best") if p.best_score is not None else None,
         "seconds": time.perf_counter() - t_start,

@@ -88,6 +88,9 @@ class PretrainTask:
         self.tokenizer = LxmertTokenizer(max_length=data.max_seq_length)
         self.features = RegionFeatures(data.features, zero_visual=data.zero_visual)
         self.options = MaskingOptions.from_config(config)
+        self.dropped_items: dict[
+            str, int
+        ] = {}  # data.train / data.valid -> sentences left out (image in no store)
         self.train_corpus = self._corpus(data.train, "data.train")
         self.valid_corpus = self._corpus([data.valid], "data.valid") if data.valid else None
         if data.standardize_features:
@@ -115,7 +118,10 @@ class PretrainTask:
             source=", ".join(paths),
             counts=corpus.items_per_image(),
         )
-        corpus = corpus.without_images(missing)
+        if missing:
+            kept = corpus.without_images(missing)
+            self.dropped_items[key] = len(corpus) - len(kept)
+            corpus = kept
         if len(corpus) == 0:
             raise PretrainDataError(f"{key}: no sentence left whose image is in the feature stores")
         labelled = int((np.diff(corpus.label_start) > 0).sum())
