@@ -10,6 +10,8 @@ Formats recognised (the format is detected from the files and keys, never assume
   ``bert.`` (+ ``cls.*``, ``obj_predict_head.*``, ``answer_head.*``).
 - ``original-finetuned``: the original VQA / GQA / NLVR2 code's ``BEST.pth``: ``lxrt_encoder.model.bert.*``
   and ``logit_fc.*`` (mapped to ``answer_head.logit_fc.*``).
+- ``bert``: a BERT checkpoint (``bert-base-uncased``): the language side only, by the original's rule
+  (:mod:`model.bert_init`).
 
 A name like ``unc-nlp/lxmert-base-uncased`` that is no local path is looked up on the Hugging Face Hub
 (its local cache first; see :func:`common.hub.hub_snapshot`). Any of them may carry a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix, or be
@@ -317,7 +319,12 @@ def load_pretrained(
     map_location: str | torch.device = "cpu",
     **config_overrides: Any,
 ) -> Any:
-    """Build ``cls`` from any recognised checkpoint at ``path`` (see the module docstring)."""
+    """Build ``cls`` from any recognised checkpoint at ``path`` (see the module docstring); a BERT checkpoint
+    gives the language side only (:mod:`model.bert_init`)."""
+    from .bert_init import is_bert_checkpoint, lxmert_from_bert  # bert_init builds on this module's helpers
+
+    if is_bert_checkpoint(path):
+        return lxmert_from_bert(cls, path, config, map_location, **config_overrides)
     raw, file_config, container = read_checkpoint(path, map_location)
     state, fmt = to_hf_state_dict(raw, container)
     return build_from_state_dict(cls, state, fmt, container, config or file_config, **config_overrides)

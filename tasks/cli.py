@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory: logs, checkpoints, final/ and best/",
     )
     parser.add_argument(
-        "--load", metavar="CHECKPOINT", help="starting weights: any LXMERT checkpoint (directory or file)"
+        "--load",
+        metavar="CHECKPOINT",
+        help="starting weights: any LXMERT checkpoint (directory, file or Hub id), or a BERT one "
+        "(bert-base-uncased: the language side, as the original without --fromScratch)",
     )
     parser.add_argument(
         "--resume",

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from model import LxmertForNLVR2
+from model.bert_init import is_bert_checkpoint
 from model.losses import masked_mean_cross_entropy
 from tasks.config import TrainConfig
 from tasks.data.jsonio import DataFormatError, read_json_list, read_text
@@ -134,11 +135,14 @@ def build_nlvr2_model(config: TrainConfig, load: str | None) -> nn.Module:
 
     ``from_pretrained`` loads a head whole or not at all: a fine-tuned NLVR2 model loads with its pair head;
     any other checkpoint (pretraining's MLM / matching / object / 9500-answer QA heads) gives the encoder only,
-    and the pair head starts from BERT's initialisation, as the original (which loads the encoder only).
+    and the pair head starts from BERT's initialisation, as the original (which loads the encoder only). A BERT
+    checkpoint gives ``config.model``'s network its embeddings, language layers and pooler.
     """
     if not load:
         logger.info("NLVR2 model from scratch: no --load given")
         return LxmertForNLVR2(scratch_config(config))
+    if is_bert_checkpoint(load):  # the language side from BERT: config.model's network
+        return LxmertForNLVR2.from_pretrained(load, config=scratch_config(config))
     model = LxmertForNLVR2.from_pretrained(load)
     report = model.load_report
     if any(k.startswith("answer_head.") for k in report.missing + report.defaulted):

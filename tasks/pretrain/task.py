@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from model import LxmertConfig, LxmertForPreTraining, LxmertTokenizer
+from model.bert_init import is_bert_checkpoint
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table
 from tasks.data.regions import RegionFeatures
@@ -162,8 +163,13 @@ class PretrainTask:
 
     def build_model(self, load: str | None) -> nn.Module:
         """From scratch (``config.model``) or from ``load`` (any checkpoint ``model.from_pretrained`` reads; the
-        heads follow the enabled objectives and the answer table)."""
-        if load:
+        heads follow the enabled objectives and the answer table). A BERT checkpoint (``bert-base-uncased``)
+        gives ``config.model``'s network its embeddings, language layers, pooler, MLM and matching heads, as
+        the original without ``--fromScratch``."""
+        if load and is_bert_checkpoint(load):
+            model = LxmertForPreTraining.from_pretrained(load, config=self.model_config())
+            log.info("pretraining from BERT (%s): %s", load, _describe(model.config))
+        elif load:
             model = LxmertForPreTraining.from_pretrained(load, **self._head_fields())
             log.info("pretraining from %s", load)
         else:
