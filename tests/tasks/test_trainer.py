@@ -291,6 +291,29 @@ def test_tf32_setting_makes_float32_mean_ieee_float32_on_cuda():
         matmul.fp32_precision, cudnn.fp32_precision = before
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float32_matmul_is_ieee_on_cuda_unless_tf32_is_allowed():
+    """On the GPU itself: train.tf32 false gives float32 products within float32 rounding of float64; true
+    (Ampere and later) lets them drop to TF32's 10-bit mantissa."""
+    device = torch.device("cuda")
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.fp32_precision, cudnn.fp32_precision)
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    exact = a.double() @ b.double()
+
+    def error() -> float:
+        return ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
+
+    try:
+        set_tf32(device, False)
+        assert error() < 1e-5
+        set_tf32(device, True)
+        if torch.cuda.get_device_capability()[0] >= 8:
+            assert error() > 1e-4
+    finally:
+        matmul.fp32_precision, cudnn.fp32_precision = before
+
+
 def test_a_new_run_refuses_a_run_dir_with_checkpoints(tmp_path, cfg_factory):
     config = cfg_factory(epochs=1)
     train(config, ToyTask(config), tmp_path / "run", max_steps=1)
