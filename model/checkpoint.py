@@ -10,6 +10,8 @@ Formats recognised (the format is detected from the files and keys, never assume
   ``bert.`` (+ ``cls.*``, ``obj_predict_head.*``, ``answer_head.*``).
 - ``original-finetuned``: the original VQA / GQA / NLVR2 code's ``BEST.pth``: ``lxrt_encoder.model.bert.*``
   and ``logit_fc.*`` (mapped to ``answer_head.logit_fc.*``).
+- ``bert``: a BERT checkpoint (``bert-base-uncased``): the language side only, by the original's rule
+  (:mod:`model.bert_init`).
 
 A name like ``unc-nlp/lxmert-base-uncased`` that is no local path is looked up on the Hugging Face Hub
 (its local cache first; see :func:`common.hub.hub_snapshot`). Any of them may carry a ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefix, or be
@@ -41,6 +43,7 @@ CONFIG_NAME = "config.json"
 TIED_DECODER_KEY = "cls.predictions.decoder.weight"
 _BACKBONE_ROOTS = ("embeddings.", "encoder.", "pooler.")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
+_WHOLE_HEAD = "answer_head."  # an MLP: its layers load together or not at all
 
 
 def _short(keys: list[str], n: int = 6) -> str:
@@ -252,7 +255,8 @@ def load_state_dict_into(
     """Copy a Hugging Face-named state dict (see :func:`to_hf_state_dict`) into ``model``.
 
     Backbone weights must all be present with the right shapes, otherwise ``ValueError`` (nothing is half
-    loaded silently); head weights that are missing or of another shape are reported and left initialised.
+    loaded silently); head weights that are missing or of another shape are reported and left initialised. The
+    answer head (``answer_head.logit_fc``, one MLP) loads whole or not at all (the rest: ``report.defaulted``).
     """
     prefix = getattr(model, "backbone_prefix", "lxmert.")
     state = dict(hf_state)
@@ -275,6 +279,13 @@ def load_state_dict_into(
 
     def is_backbone(key: str) -> bool:
         return key.startswith(prefix) if prefix else key.startswith(_BACKBONE_ROOTS)
+
+    # The answer MLP loads whole or not at all: one of another shape (e.g. a QA head offered to NLVR2's pair
+    # head, whose LayerNorm and first bias happen to fit) keeps the model's initialisation, every layer of it.
+    if any(k.startswith(_WHOLE_HEAD) for k, _, _ in report.mismatched):
+        for key in [k for k in to_load if k.startswith(_WHOLE_HEAD)]:
+            del to_load[key]
+            report.defaulted.append(key)
 
     bad_missing = [k for k in report.missing if is_backbone(k)]
     bad_shape = [m for m in report.mismatched if is_backbone(m[0])]
@@ -308,7 +319,12 @@ def load_pretrained(
     map_location: str | torch.device = "cpu",
     **config_overrides: Any,
 ) -> Any:
-    """Build ``cls`` from any recognised checkpoint at ``path`` (see the module docstring)."""
+    """Build ``cls`` from any recognised checkpoint at ``path`` (see the module docstring); a BERT checkpoint
+    gives the language side only (:mod:`model.bert_init`)."""
+    from .bert_init import is_bert_checkpoint, lxmert_from_bert  # bert_init builds on this module's helpers
+
+    if is_bert_checkpoint(path):
+        return lxmert_from_bert(cls, path, config, map_location, **config_overrides)
     raw, file_config, container = read_checkpoint(path, map_location)
     state, fmt = to_hf_state_dict(raw, container)
     return build_from_state_dict(cls, state, fmt, container, config or file_config, **config_overrides)

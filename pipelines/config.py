@@ -18,6 +18,7 @@ __all__ = [
     "LaunchConfig",
     "PipelineConfig",
     "RealConfig",
+    "VqaDataSpec",
 ]
 
 #: Environment variable -> the config key it sets (the command line's KEY=VALUE overrides come after).
@@ -71,6 +72,22 @@ class FinetuneSpec:
 
 
 @dataclass
+class VqaDataSpec:
+    """``lxmert-data vqa`` from the official VQA v2 files: one stage per split, writing ``out_dir/<split>.json``
+    (train, minival, nominival, test). A split whose questions file is empty is not converted (its JSON exists)."""
+
+    out_dir: str = "data/vqa"
+    answers: str = ""  # LXMERT's trainval_ans2label.json (3129 answers)
+    # LXMERT's minival images: its data/vqa/minival.json or data/lxmert/mscoco_minival.json (required for val2014)
+    minival_images: str = ""
+    train_questions: str = ""
+    train_annotations: str = ""
+    val_questions: str = ""  # -> minival.json + nominival.json
+    val_annotations: str = ""
+    test_questions: str = ""  # test2015: items without labels
+
+
+@dataclass
 class RealConfig:
     """The real datasets (``pipelines/configs/lxmert.yaml``)."""
 
@@ -86,6 +103,7 @@ class RealConfig:
     pretrain_features: list[str] = field(default_factory=list)  # image-set names
     pretrain_overrides: list[str] = field(default_factory=list)
     load: str = ""  # start fine-tuning from this checkpoint instead of our pretraining
+    vqa_data: VqaDataSpec = field(default_factory=VqaDataSpec)
     finetune: list[FinetuneSpec] = field(default_factory=list)
 
 

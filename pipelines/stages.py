@@ -9,12 +9,12 @@ from pathlib import Path
 
 from common.config import ConfigError
 from extract.store import open_metadata
-from pipelines.config import ImageSet, LaunchConfig, PipelineConfig
+from pipelines.config import ImageSet, LaunchConfig, PipelineConfig, VqaDataSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-__all__ = ["Stage", "StageFailed", "demo_stages", "real_stages"]
+__all__ = ["Stage", "StageFailed", "demo_stages", "real_stages", "vqa_data_stages"]
 
 
 @dataclass
@@ -226,7 +226,7 @@ def real_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
         return run / "features" / f"{name}{suffix}.lmdb"
 
     stores = {s.name: [node_store(s.name, k) for k in range(nnodes)] for s in r.image_sets}
-    stages: list[Stage] = []
+    stages: list[Stage] = vqa_data_stages(r.vqa_data)  # the official files -> LXMERT's JSON (quick: first)
 
     def store_paths(names: list[str]) -> list[Path]:
         unknown = [n for n in names if n not in stores]
@@ -324,4 +324,35 @@ def real_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
                     f"{ft.task} predictions on {split}" + (" + official metric" if ann else ""),
                 )
             )
+    return stages
+
+
+def vqa_data_stages(v: VqaDataSpec) -> list[Stage]:
+    """``lxmert-data vqa`` per split given in ``real.vqa_data``: train, minival + nominival (LXMERT's minival list
+    passed as ``--minival-images``; required), test."""
+    out = Path(v.out_dir)
+    answers = ["--answers", v.answers] if v.answers else []
+    if v.val_questions and not v.minival_images:
+        raise ConfigError(
+            "real.vqa_data.minival_images is empty: give LXMERT's minival image list (its data/vqa/minival.json "
+            "or data/lxmert/mscoco_minival.json); LXMERT pretrains on every other val2014 image, so another "
+            "minival overlaps its pretraining data"
+        )
+
+    def convert(split: str, questions: str, annotations: str, extra: list[str]) -> Stage:
+        cmd = [str(BIN / "lxmert-data"), "vqa", "--questions", questions]
+        if annotations:
+            cmd += ["--annotations", annotations, *answers]
+        cmd += ["--out", str(out / f"{split}.json"), *extra]
+        return Stage(f"data_vqa_{split}", lambda c=cmd: c, f"VQA {split} items (lxmert-data vqa)")
+
+    stages = []
+    if v.train_questions:
+        stages.append(convert("train", v.train_questions, v.train_annotations, []))
+    if v.val_questions:
+        for subset in ("minival", "nominival"):
+            extra = ["--subset", subset, "--minival-images", v.minival_images]
+            stages.append(convert(subset, v.val_questions, v.val_annotations, extra))
+    if v.test_questions:
+        stages.append(convert("test", v.test_questions, "", []))
     return stages

@@ -44,7 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directory: logs, checkpoints, final/ and best/",
     )
     parser.add_argument(
-        "--load", metavar="CHECKPOINT", help="starting weights: any LXMERT checkpoint (directory or file)"
+        "--load",
+        metavar="CHECKPOINT",
+        help="starting weights: any LXMERT checkpoint (directory, file or Hub id), or a BERT one "
+        "(bert-base-uncased: the language side, as the original without --fromScratch)",
     )
     parser.add_argument(
         "--resume",
@@ -183,8 +186,16 @@ def _summary_text(task: str, summary: dict) -> str:
         f"/{summary['t_total']} ({summary['epochs_done']} epochs) in {summary['seconds']:.0f} s; last train loss "
         f"{summary['train_loss']:.4f}" + (f"; valid: {valid}" if valid else "")
         + (f"; {summary['bad_steps']} steps skipped (non-finite loss)" if summary["bad_steps"] else "")
+        + _dropped_text(summary.get("dropped_items") or {})
         + f"\n  model: {summary['final']}" + (f"\n  best:  {summary['best']}" if summary["best"] else "")
     )  # fmt: skip
+
+
+def _dropped_text(dropped: dict[str, int]) -> str:
+    if not dropped:
+        return ""
+    counts = ", ".join(f"{split} {n}" for split, n in dropped.items())
+    return f"\n  items left out (an image in no feature store): {counts}"
 
 
 if __name__ == "__main__":

@@ -74,7 +74,8 @@ class TrainLoopConfig:
     epochs: int = 20
     seed: int = 9595
     device: str = ""  # "" = CUDA when available, else CPU
-    amp: AmpName = "auto"  # auto: bf16 on CUDA / CPUs with native bf16, else none
+    amp: AmpName = "auto"  # auto: bf16 on CUDA / CPUs with native bf16, else none (the recipes: none)
+    tf32: bool = False  # CUDA: TensorFloat-32 for float32 matmuls / convolutions; false = IEEE float32
     grad_accumulation: int = 0  # 0 = as needed so that the global batch fits the per-process micro batch
     micro_batch_size: int = 0  # per process per forward; 0 = global batch / world size
     save_every: int = 0  # optimizer steps between checkpoints (0 = only at epoch ends)
@@ -97,6 +98,9 @@ class PretrainConfig:
     visual_losses: list[str] = field(default_factory=lambda: ["obj", "attr", "feat"])
     word_mask_rate: float = 0.15
     obj_mask_rate: float = 0.15
+    # always: words and regions are masked whatever losses are on (the original: an ablation changes the
+    # losses, not the inputs); with_loss: words only with mlm, regions only with a visual loss
+    mask_inputs: Literal["always", "with_loss"] = "always"
     visual_losses_masked_only: bool = False  # the original weights obj/attr CE over ALL regions
     qa_start_epoch: int = 0  # the paper: 10 (no QA in the first 10 epochs); the released code: 0
     qa_weight: float = 1.0  # the paper: 2.0 in the QA stage

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from tasks.convert.easy_vqa import TEST_QUESTION_ID_OFFSET, convert_easy_vqa
 from tasks.convert.gqa import convert_gqa
@@ -99,7 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="a built table goes to PREFIX + ans2label.json / label2ans.json [default: OUT without .json + '_']",
     )
-    g = v.add_argument_group("minival / nominival (val2014)")
+    g = v.add_argument_group(
+        "minival / nominival (val2014)",
+        "LXMERT's minival is 5000 val2014 images; it pretrains on every other val2014 image (mscoco_nominival) "
+        "with their VQA answers. --subset minival / nominival need its image list (--minival-images); any other "
+        "choice of images overlaps LXMERT's pretraining data, so it takes --non-lxmert-minival.",
+    )
     g.add_argument(
         "--subset",
         choices=("all", "minival", "nominival"),
@@ -109,15 +115,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--minival-images",
         metavar="FILE",
-        help="the minival images: LXMERT's minival.json (its img_ids) or a text file of image ids / COCO names "
-        "(one per line); without it the --minival-size images with the smallest sha256('<seed>:<image_id>') "
-        "(reproducible anywhere)",
+        help="LXMERT's minival images: its data/vqa/minival.json or data/lxmert/mscoco_minival.json (the "
+        "img_id of each entry), or a text file of image ids / COCO names (one per line)",
     )
     g.add_argument(
-        "--minival-size", type=_positive_int, default=DEFAULT_MINIVAL_SIZE, metavar="N", help="minival images"
+        "--non-lxmert-minival",
+        action="store_true",
+        help="no list: take the --minival-size val2014 images with the smallest sha256('<seed>:<image_id>') "
+        "instead. NOT LXMERT's minival: most of those images are in LXMERT's pretraining data (questions and "
+        "answers included), so a model pretrained by LXMERT scores higher on them than on its minival",
     )
     g.add_argument(
-        "--seed", type=int, default=DEFAULT_SEED, metavar="S", help="seed of the minival image choice"
+        "--minival-size",
+        type=_positive_int,
+        default=DEFAULT_MINIVAL_SIZE,
+        metavar="N",
+        help="minival images with --non-lxmert-minival",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=DEFAULT_SEED,
+        metavar="S",
+        help="seed of the image choice with --non-lxmert-minival",
     )
     g.add_argument(
         "--write-minival-images", metavar="FILE", help="also write the minival image names, one per line"
@@ -226,20 +246,7 @@ def run_vqa(args: argparse.Namespace) -> None:
 
     keep = drop = None
     if args.subset != "all" or args.write_minival_images:
-        qlist = questions.get("questions") if isinstance(questions, dict) else None
-        image_ids = [q.get("image_id") for q in qlist or [] if isinstance(q, dict)]
-        if args.minival_images:
-            minival = read_image_id_list(args.minival_images)
-            how = f"the {len(minival)} images of {args.minival_images}"
-        else:
-            minival = select_minival_images(image_ids, args.minival_size, args.seed)
-            how = f"{len(minival)} images chosen by sha256('{args.seed}:<image_id>')"
-        if isinstance(questions, dict) and questions.get("data_subtype") not in (None, "val2014"):
-            print(
-                f"note: minival / nominival are splits of val2014; this questions file is {questions.get('data_subtype')}",
-                file=sys.stderr,
-            )
-        print(f"minival: {how}")
+        minival = minival_images(args, questions)
         if args.subset == "minival":
             keep = minival
         elif args.subset == "nominival":
@@ -267,6 +274,54 @@ def run_vqa(args: argparse.Namespace) -> None:
             f"{stats['answers_outside_table']} distinct human answers outside the table left out"
         )
     print(line)
+
+
+def minival_images(args: argparse.Namespace, questions: Any) -> set[int]:
+    """The minival image ids: LXMERT's list (``--minival-images``), checked against the questions file's images,
+    or with ``--non-lxmert-minival`` a choice by hash. Raises ``DataFormatError`` (one line) without either,
+    with both, or when the list names none of the file's images."""
+    qlist = questions.get("questions") if isinstance(questions, dict) else None
+    image_ids = {q.get("image_id") for q in qlist or [] if isinstance(q, dict)}
+    subtype = questions.get("data_subtype") if isinstance(questions, dict) else None
+    if args.minival_images and args.non_lxmert_minival:
+        raise DataFormatError(
+            "give either --minival-images (LXMERT's minival) or --non-lxmert-minival (a choice by hash), not both"
+        )
+    if not args.minival_images and not args.non_lxmert_minival:
+        raise DataFormatError(
+            f"--subset {args.subset} needs LXMERT's minival image list: --minival-images FILE with its "
+            "data/vqa/minival.json or data/lxmert/mscoco_minival.json (from LXMERT's README downloads), or a text "
+            "file of its image ids. LXMERT pretrains on every other val2014 image (mscoco_nominival) with their "
+            "VQA answers, so any other minival overlaps its pretraining data; --non-lxmert-minival takes such a "
+            "split deliberately (5000 images by hash, scores not comparable with LXMERT's)"
+        )
+    if subtype not in (None, "val2014"):
+        print(
+            f"note: minival / nominival are splits of val2014; {args.questions} is {subtype}", file=sys.stderr
+        )
+    if args.non_lxmert_minival:
+        minival = select_minival_images(image_ids, args.minival_size, args.seed)
+        print(
+            f"minival: {len(minival)} images chosen by sha256('{args.seed}:<image_id>') -- NOT LXMERT's minival "
+            "(most of them are in LXMERT's pretraining data)"
+        )
+        return minival
+    minival = read_image_id_list(args.minival_images)
+    found = minival & image_ids
+    if not found:
+        raise DataFormatError(
+            f"{args.minival_images}: none of its {len(minival)} images (e.g. {sorted(minival)[:3]}) is among the "
+            f"{len(image_ids)} images of {args.questions} ({subtype or 'unknown split'}); give LXMERT's minival "
+            "list of val2014 images with the val2014 questions file"
+        )
+    if len(found) < len(minival):
+        print(
+            f"warning: {len(minival) - len(found)} of the {len(minival)} images of {args.minival_images} have no "
+            f"question in {args.questions} (e.g. {sorted(minival - found)[:3]})",
+            file=sys.stderr,
+        )
+    print(f"minival: the {len(minival)} images of {args.minival_images} (LXMERT's list)")
+    return minival
 
 
 def run_gqa(args: argparse.Namespace) -> None:

@@ -17,9 +17,10 @@ original: every ``multiple_choice_answer`` normalised (official punctuation + di
 commas dropped), kept when it answers at least ``min_count`` distinct questions; ordered by that count
 (descending), then alphabetically.
 
-val2014 is split into LXMERT's minival / nominival by image: the images of a given list (LXMERT's own,
-``--minival-images``), or the ``size`` images whose ``sha256("<seed>:<image_id>")`` is smallest, a choice that
-any machine and Python reproduces.
+val2014 is split into LXMERT's minival / nominival by image: the images of LXMERT's own list
+(``--minival-images``). ``lxmert-data vqa --non-lxmert-minival`` takes instead the ``size`` images whose
+``sha256("<seed>:<image_id>")`` is smallest (reproducible anywhere), a split that is NOT LXMERT's: most of its
+images are in LXMERT's pretraining data (``mscoco_nominival``, with their VQA answers).
 """
 
 from __future__ import annotations

@@ -61,9 +61,10 @@ def keep_found_images(
     img_ids: Callable[[T], tuple[str, ...]],
     split: str,
     paths: Sequence[str | Path],
+    dropped: dict[str, int] | None = None,
 ) -> list[T]:
     """``items`` whose images are all in the stores: :class:`tasks.data.regions.MissingImagesError` naming the
-    missing ones, or (``data.allow_missing_images``) the others dropped and counted."""
+    missing ones, or (``data.allow_missing_images``) the others dropped, logged and counted in ``dropped[split]``."""
     counts: dict[str, int] = {}
     for item in items:
         for img_id in img_ids(item):
@@ -77,4 +78,7 @@ def keep_found_images(
     )
     if not missing:
         return items
-    return [it for it in items if not any(i in missing for i in img_ids(it))]
+    kept = [it for it in items if not any(i in missing for i in img_ids(it))]
+    if dropped is not None:
+        dropped[split] = len(items) - len(kept)
+    return kept

@@ -11,7 +11,7 @@ from common.cpu import cpu_autocast_is_fast, cpu_autocast_warning
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["autocast", "resolve_amp"]
+__all__ = ["autocast", "resolve_amp", "set_tf32"]
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -34,3 +34,15 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
 def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager:
     """``torch.autocast`` for ``dtype`` on ``device``'s type; a no-op context for float32 (``None``)."""
     return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def set_tf32(device: torch.device, allowed: bool) -> None:
+    """``train.tf32``: whether float32 matrix multiplies and convolutions on CUDA may use TensorFloat-32
+    (Ampere and later: a 10-bit mantissa for the inputs, ~3x the fp32 throughput). False: IEEE float32
+    (``fp32_precision = "ieee"`` for ``torch.backends.cuda.matmul`` and ``torch.backends.cudnn``), as the
+    original, which trained in float32. Set for the whole process; a no-op on other devices."""
+    if device.type != "cuda":
+        return
+    mode = "tf32" if allowed else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.fp32_precision = mode

@@ -24,7 +24,11 @@ class StepOutput:
 
 
 class Task(Protocol):
-    """A training task, built from the resolved :class:`tasks.config.TrainConfig`."""
+    """A training task, built from the resolved :class:`tasks.config.TrainConfig`.
+
+    Optional: ``dropped_items`` (``{split: count}``), items left out because an image is in no store
+    (``data.allow_missing_images``); the engine copies it into the run summary.
+    """
 
     name: str
 

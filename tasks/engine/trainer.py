@@ -41,7 +41,7 @@ from tasks.engine import checkpointing as ckpt
 from tasks.engine.batching import GlobalBatchSampler, micro_batching, to_device
 from tasks.engine.hooks import CheckpointHook, EvalHook, Hook, TrainLoop
 from tasks.engine.optim import build_optimizer
-from tasks.engine.precision import autocast, resolve_amp
+from tasks.engine.precision import autocast, resolve_amp, set_tf32
 from tasks.engine.resume import Progress, find_resume_point, seed_everything
 from tasks.engine.runlog import RunLog, plot_curves
 from tasks.engine.task import Task
@@ -85,6 +85,7 @@ def train(
     else:
         tune_cpu_allocator()
     amp_dtype = resolve_amp(tc.amp, device)
+    set_tf32(device, tc.tf32)
     micro, accum = micro_batching(dc.batch_size, dist.world_size, tc)
 
     # --- 2. the model (fresh or from the checkpoint to resume) -------------------------------------------
@@ -141,9 +142,9 @@ def train(
     if dist.is_main:
         logger.info(
             "%s: %d items, %d steps/epoch x %d epochs = %d steps; global batch %d = %d process(es) x %d "
-            "accumulation x %d; device %s, amp %s, optimizer %s",
+            "accumulation x %d; device %s, amp %s%s, optimizer %s",
             task.name, len(train_set), steps_per_epoch, tc.epochs, t_total, dc.batch_size, dist.world_size,
-            accum, micro, device, amp_dtype or "none", config.optim.name,
+            accum, micro, device, amp_dtype or "none", _tf32_note(device, tc.tf32), config.optim.name,
         )  # fmt: skip
 
     # --- 5. the loop ---------------------------------------------------------------------------------------
@@ -186,6 +187,9 @@ def train(
         "valid": loop.valid_metrics,
         "best_score": p.best_score,
         "bad_steps": p.bad_total,
+        "dropped_items": dict(
+            getattr(task, "dropped_items", {})
+        ),  # split -> items whose image is in no store
         "final": str(run_dir / "final"),
         "best": str(run_dir / "best") if p.best_score is not None else None,
         "seconds": time.perf_counter() - t_start,
@@ -271,6 +275,12 @@ def update(loop: TrainLoop, loss: torch.Tensor, parts: dict[str, torch.Tensor]) 
     else:
         epoch = p.epoch + p.step_in_epoch / loop.steps_per_epoch
         loop.log.train_step(p.step, epoch, lr, loss_value, dict(zip(names, part_values)), norm_value)
+
+
+def _tf32_note(device: torch.device, tf32: bool) -> str:
+    if device.type != "cuda":
+        return ""
+    return " (float32 matmuls: TF32)" if tf32 else " (float32 matmuls: IEEE, no TF32)"
 
 
 def _device_type(device: str) -> str:

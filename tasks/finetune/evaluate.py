@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from common.distributed import resolve_device
 from tasks.config import TrainConfig
 from tasks.data.jsonio import write_json, write_text
-from tasks.engine.precision import autocast, resolve_amp
+from tasks.engine.precision import autocast, resolve_amp, set_tf32
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def run_eval_only(
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.train.device or None)
     amp_dtype = resolve_amp(config.train.amp, device)
+    set_tf32(device, config.train.tf32)
     model = task.build_model(load).to(device).eval()
     dataset = task.dataset([data], "eval")
     loader = DataLoader(

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from model import LxmertForNLVR2, read_checkpoint
-from model.checkpoint import build_from_state_dict, to_hf_state_dict
+from model import LxmertForNLVR2
+from model.bert_init import is_bert_checkpoint
 from model.losses import masked_mean_cross_entropy
 from tasks.config import TrainConfig
 from tasks.data.jsonio import DataFormatError, read_json_list, read_text
@@ -130,42 +130,28 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def is_pair_head(state: dict[str, torch.Tensor], hidden: int) -> bool:
-    """Whether ``state`` (Hugging Face names) holds an NLVR2 pair head (``2H -> 2H -> 2``)."""
-    w0, w3 = state.get("answer_head.logit_fc.0.weight"), state.get("answer_head.logit_fc.3.weight")
-    return (
-        w0 is not None and w3 is not None and tuple(w0.shape) == (2 * hidden, 2 * hidden) and w3.shape[0] == 2
-    )
-
-
 def build_nlvr2_model(config: TrainConfig, load: str | None) -> nn.Module:
     """:class:`model.LxmertForNLVR2` from ``load`` (any checkpoint ``from_pretrained`` reads) or from scratch.
 
-    A checkpoint that already has a pair head (a fine-tuned NLVR2 model) loads whole; otherwise its own heads
-    (pretraining's MLM / matching / object / 9500-answer QA) are dropped and the pair head starts from BERT's
-    initialisation, as the original (which loads the encoder only).
+    ``from_pretrained`` loads a head whole or not at all: a fine-tuned NLVR2 model loads with its pair head;
+    any other checkpoint (pretraining's MLM / matching / object / 9500-answer QA heads) gives the encoder only,
+    and the pair head starts from BERT's initialisation, as the original (which loads the encoder only). A BERT
+    checkpoint gives ``config.model``'s network its embeddings, language layers and pooler.
     """
     if not load:
         logger.info("NLVR2 model from scratch: no --load given")
         return LxmertForNLVR2(scratch_config(config))
-    raw, file_config, container = read_checkpoint(load)
-    state, fmt = to_hf_state_dict(raw, container)
-    hidden = (
-        state["lxmert.embeddings.word_embeddings.weight"].shape[1]
-        if "lxmert.embeddings.word_embeddings.weight" in state
-        else 0
-    )
-    if is_pair_head(state, hidden):
-        logger.info("%s: loaded with its NLVR2 pair head", load)
-    else:
-        dropped = [k for k in state if not k.startswith("lxmert.")]
-        state = {k: v for k, v in state.items() if k.startswith("lxmert.")}
+    if is_bert_checkpoint(load):  # the language side from BERT: config.model's network
+        return LxmertForNLVR2.from_pretrained(load, config=scratch_config(config))
+    model = LxmertForNLVR2.from_pretrained(load)
+    report = model.load_report
+    if any(k.startswith("answer_head.") for k in report.missing + report.defaulted):
         logger.info(
-            "%s: encoder loaded, %d head tensors left out; the pair head starts from N(0, 0.02)",
-            load,
-            len(dropped),
+            "%s: encoder loaded; the pair head starts from N(0, 0.02) (the checkpoint has none)", load
         )
-    return build_from_state_dict(LxmertForNLVR2, state, fmt, container, file_config)
+    else:
+        logger.info("%s: loaded with its NLVR2 pair head", load)
+    return model
 
 
 @dataclass
@@ -186,6 +172,7 @@ class NLVR2Task:
         self.model_folder = model_folder
         self._features: RegionFeatures | None = None
         self._items: dict[tuple[str, ...], list[PairItem]] = {}
+        self.dropped_items: dict[str, int] = {}  # split -> examples left out (an image in no store)
 
     def items(self, paths: Sequence[str | Path]) -> list[PairItem]:
         key = tuple(map(str, paths))
@@ -208,7 +195,7 @@ class NLVR2Task:
         if not items:
             raise DataFormatError(f"nlvr2 {split}: no examples in {list(map(str, paths))}")
         items = keep_found_images(
-            self.features, self.config, items, lambda it: (it.img0, it.img1), split, paths
+            self.features, self.config, items, lambda it: (it.img0, it.img1), split, paths, self.dropped_items
         )
         labelled = sum(it.label is not None for it in items)
         logger.info(

@@ -86,6 +86,7 @@ class QATask:
         self._items: dict[tuple[str, ...], list[QAItem]] = {}
         self._official_docs: dict[str, Any] = {}  # raw official files, read once
         self.model_folder = load  # where label2ans.json may be found when data.answers is empty (evaluation)
+        self.dropped_items: dict[str, int] = {}  # split -> questions left out (image in no store)
 
     # -- parts --------------------------------------------------------------------------------------------
     @property
@@ -139,7 +140,9 @@ class QATask:
         items = self.items(paths)
         if not items:
             raise DataFormatError(f"{self.name} {split}: no questions in {list(map(str, paths))}")
-        items = keep_found_images(self.features, self.config, items, lambda it: (it.img_id,), split, paths)
+        items = keep_found_images(
+            self.features, self.config, items, lambda it: (it.img_id,), split, paths, self.dropped_items
+        )
         ans2label = self.ans2label
         logger.info("%s", label_stats(items, ans2label).summary(f"{self.name} {split}"))
         return QADataset(items, self.features, ans2label, len(self.answers), self.config.data.max_seq_length)

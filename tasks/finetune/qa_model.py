@@ -12,6 +12,7 @@ from torch import nn
 
 from model import LxmertConfig, LxmertForQuestionAnswering, read_checkpoint
 from model.answers import qa_model_from_pretraining
+from model.bert_init import is_bert_checkpoint
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table, normalize_answer
 from tasks.data.jsonio import DataFormatError
@@ -48,12 +49,20 @@ def build_qa_model(config: TrainConfig, answers: list[str], load: str | None) ->
     - ``load`` with a head of the task's size but no table naming its answers (``unc-nlp/lxmert-vqa-uncased``):
       loaded as is, with a warning that the answer order is assumed.
     - ``load`` without a QA head: backbone loaded, head initialised (logged).
+    - ``load`` is BERT (``bert-base-uncased``): ``config.model``'s network, its embeddings, language layers
+      and pooler from BERT, the rest (and the head) initialised, as the original without LXMERT weights.
     - no ``load``: the whole network from scratch with ``config.model``'s sizes.
     """
     num = len(answers)
     if not load:
         logger.info("QA model from scratch (%d answers): no --load given", num)
         return LxmertForQuestionAnswering(scratch_config(config, num_qa_labels=num))
+    if is_bert_checkpoint(load):
+        model = LxmertForQuestionAnswering.from_pretrained(
+            load, config=scratch_config(config, num_qa_labels=num)
+        )
+        logger.info("QA model from BERT (%s): the %d-answer head starts from N(0, 0.02)", load, num)
+        return model
     beside = read_answers(load)
     if beside == answers:
         model = LxmertForQuestionAnswering.from_pretrained(load, num_qa_labels=num)

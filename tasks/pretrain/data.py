@@ -14,6 +14,10 @@ neither on the number of workers nor of processes, and a resumed run draws what 
   uniformly drawn item's image (any item, as the original), 10% kept; ``feat_mask`` 1 on all of them;
 - QA: for a matched item with a label, the target answer is drawn with probability proportional to its score
   (the single answer when there is one); -100 otherwise.
+
+Words and regions are masked whatever losses are on, as the original (``pretrain.mask_inputs: always``): an
+ablation without the masked-LM or the visual losses still trains the other objectives on corrupted inputs.
+``mask_inputs: with_loss`` masks words only with ``pretrain.mlm`` and regions only with a visual loss.
 """
 
 from __future__ import annotations
@@ -45,9 +49,9 @@ class MaskingOptions:
     ``data.max_seq_length``, where the defaults live (none are restated here)."""
 
     max_seq_length: int
-    mlm: bool
+    mlm: bool  # mask words (the original: always, whether the MLM loss is on or not)
     word_mask_rate: float
-    visual: bool  # mask regions (obj / attr / feat losses)
+    visual: bool  # mask regions (the original: always, whatever the obj / attr / feat losses)
     obj_mask_rate: float
     matched: bool  # draw negatives
     qa: bool
@@ -55,11 +59,12 @@ class MaskingOptions:
     @classmethod
     def from_config(cls, config: TrainConfig) -> MaskingOptions:
         pre = config.pretrain
+        always = pre.mask_inputs == "always"
         return cls(
             max_seq_length=config.data.max_seq_length,
-            mlm=pre.mlm,
+            mlm=always or pre.mlm,
             word_mask_rate=pre.word_mask_rate,
-            visual=bool(pre.visual_losses),
+            visual=always or bool(pre.visual_losses),
             obj_mask_rate=pre.obj_mask_rate,
             matched=pre.matched,
             qa=pre.qa,

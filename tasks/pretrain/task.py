@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from model import LxmertConfig, LxmertForPreTraining, LxmertTokenizer
+from model.bert_init import is_bert_checkpoint
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table
 from tasks.data.regions import RegionFeatures
@@ -88,6 +89,9 @@ class PretrainTask:
         self.tokenizer = LxmertTokenizer(max_length=data.max_seq_length)
         self.features = RegionFeatures(data.features, zero_visual=data.zero_visual)
         self.options = MaskingOptions.from_config(config)
+        self.dropped_items: dict[
+            str, int
+        ] = {}  # data.train / data.valid -> sentences left out (image in no store)
         self.train_corpus = self._corpus(data.train, "data.train")
         self.valid_corpus = self._corpus([data.valid], "data.valid") if data.valid else None
         if data.standardize_features:
@@ -115,7 +119,10 @@ class PretrainTask:
             source=", ".join(paths),
             counts=corpus.items_per_image(),
         )
-        corpus = corpus.without_images(missing)
+        if missing:
+            kept = corpus.without_images(missing)
+            self.dropped_items[key] = len(corpus) - len(kept)
+            corpus = kept
         if len(corpus) == 0:
             raise PretrainDataError(f"{key}: no sentence left whose image is in the feature stores")
         labelled = int((np.diff(corpus.label_start) > 0).sum())
@@ -156,8 +163,13 @@ class PretrainTask:
 
     def build_model(self, load: str | None) -> nn.Module:
         """From scratch (``config.model``) or from ``load`` (any checkpoint ``model.from_pretrained`` reads; the
-        heads follow the enabled objectives and the answer table)."""
-        if load:
+        heads follow the enabled objectives and the answer table). A BERT checkpoint (``bert-base-uncased``)
+        gives ``config.model``'s network its embeddings, language layers, pooler, MLM and matching heads, as
+        the original without ``--fromScratch``."""
+        if load and is_bert_checkpoint(load):
+            model = LxmertForPreTraining.from_pretrained(load, config=self.model_config())
+            log.info("pretraining from BERT (%s): %s", load, _describe(model.config))
+        elif load:
             model = LxmertForPreTraining.from_pretrained(load, **self._head_fields())
             log.info("pretraining from %s", load)
         else:

@@ -131,11 +131,18 @@ def test_wrapped_training_checkpoint_and_compile_prefix(tiny_config, tmp_path):
 
 def test_head_shape_mismatch_is_reported_not_fatal(tiny_config, tmp_path):
     torch.manual_seed(0)
-    LxmertForPreTraining(tiny_config).save_pretrained(tmp_path)
+    pre = LxmertForPreTraining(tiny_config)
+    pre.answer_head.logit_fc[0].bias.data.fill_(0.5)  # fits the QA head's shape: still not copied
+    pre.save_pretrained(tmp_path)
     qa = LxmertForQuestionAnswering.from_pretrained(tmp_path, num_qa_labels=5)
     mismatched = {k for k, _, _ in qa.load_report.mismatched}
     assert mismatched == {"answer_head.logit_fc.3.weight", "answer_head.logit_fc.3.bias"}
     assert qa.answer_head.logit_fc[3].weight.shape == (5, 64)
+    # the answer MLP loads whole or not at all: the layers that would fit keep their initialisation
+    assert set(qa.load_report.defaulted) == {
+        f"answer_head.logit_fc.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")
+    }
+    assert not qa.answer_head.logit_fc[0].bias.any()
     assert "cls.seq_relationship.weight" in qa.load_report.unexpected
     assert "shape-mismatched" in qa.load_report.summary()
 

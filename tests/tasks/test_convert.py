@@ -207,13 +207,14 @@ def test_vqa_cli(tmp_path, capsys):
     assert items[0]["label"] == {"yes": 1.0, "no": 0.9, "maybe": 0.6}
     assert "wrote 2 items (minival of 3 questions)" in capsys.readouterr().out
 
-    # no list given: the --minival-size images with the smallest sha256("<seed>:<image_id>")
+    # --non-lxmert-minival: the --minival-size images with the smallest sha256("<seed>:<image_id>")
     first = min((42, 7), key=lambda i: hashlib.sha256(f"11:{i}".encode()).hexdigest())
     names = tmp_path / "minival_images.txt"
     nomini = tmp_path / "nominival.json"
     split = [
         "--subset",
         "nominival",
+        "--non-lxmert-minival",
         "--minival-size",
         "1",
         "--seed",
@@ -275,6 +276,48 @@ def test_vqa_cli(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------- GQA
+def test_minival_needs_lxmerts_list_or_an_explicit_other_split(tmp_path, capsys):
+    """No silent hash minival (most of it would be in LXMERT's pretraining data); a list naming no val2014
+    image of the questions file is refused in one line naming the file."""
+    questions, annotations = vqa_files()
+    q, a, table = tmp_path / "q.json", tmp_path / "a.json", tmp_path / "ans2label.json"
+    q.write_text(json.dumps(questions))
+    a.write_text(json.dumps(annotations))
+    table.write_text(json.dumps(TABLE))
+    out = tmp_path / "minival.json"
+    argv = ["vqa", "--questions", str(q), "--annotations", str(a), "--answers", str(table), "--out", str(out)]
+    for subset in ("minival", "nominival"):
+        assert data_main([*argv, "--subset", subset]) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"--subset {subset} needs LXMERT's minival image list" in err
+            and len(err.strip().splitlines()) == 1
+        )
+        assert "mscoco_minival.json" in err and "--non-lxmert-minival" in err
+    assert not out.exists()
+    # a list of other images (e.g. train2014's): refused, naming the file
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("COCO_train2014_000000000009\n13\n")
+    assert data_main([*argv, "--subset", "minival", "--minival-images", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert f"{wrong}: none of its 2 images" in err and "val2014" in err and len(err.strip().splitlines()) == 1
+    # both ways at once: refused
+    mini = tmp_path / "mini.txt"
+    mini.write_text("42\n99\n")
+    assert (
+        data_main([*argv, "--subset", "minival", "--minival-images", str(mini), "--non-lxmert-minival"]) == 2
+    )
+    assert "not both" in capsys.readouterr().err
+    # LXMERT's list with an image the file lacks: converted, with a warning
+    assert data_main([*argv, "--subset", "minival", "--minival-images", str(mini)]) == 0
+    captured = capsys.readouterr()
+    assert "1 of the 2 images" in captured.err and "LXMERT's list" in captured.out
+    assert {it["question_id"] for it in json.loads(out.read_text())} == {42000, 42001}
+    # the deliberate other split says what it is
+    assert data_main([*argv, "--subset", "minival", "--non-lxmert-minival", "--minival-size", "1"]) == 0
+    assert "NOT LXMERT's minival" in capsys.readouterr().out
+
+
 def test_gqa_items_and_cli(tmp_path):
     questions = {
         "02930152": {

@@ -38,6 +38,17 @@ def test_original_recipes(name: str, lr: float, train: list[str], valid: str):
     )  # the released 9/5/5 when training from scratch
 
 
+@pytest.mark.parametrize("name", ["pretrain_lxmert", "vqa", "gqa", "nlvr2"])
+def test_original_recipes_run_in_float32_without_tf32(name: str):
+    """The original trains and evaluates in float32: the recipes presented as the original do too (no bf16
+    autocast, no TF32 on CUDA); the tiny / demo configs keep the default auto."""
+    cfg = load_config(TrainConfig, CONFIGS / f"{name}.yaml")
+    assert (cfg.train.amp, cfg.train.tf32) == ("none", False)
+    assert TrainConfig().train.amp == "auto" and TrainConfig().train.tf32 is False
+    for small in ("pretrain_tiny", "pretrain_demo", "vqa_demo", "vqa_tiny"):
+        assert load_config(TrainConfig, CONFIGS / f"{small}.yaml").train.amp == "auto"
+
+
 @pytest.mark.parametrize("name", ["vqa", "gqa", "nlvr2"])
 def test_tiny_configs_train_through_the_cli(tmp_path: Path, name: str, capsys):
     data = (

@@ -53,11 +53,16 @@ def test_pair_head_starts_fresh_from_a_pretraining_checkpoint(tmp_path: Path):
         pre.answer_head.logit_fc[2].weight.fill_(0.3)
     pre.save_pretrained(tmp_path / "pre")
     cfg = nlvr2_setup(tmp_path / "data", n_images=10)
-    model = build_nlvr2_model(cfg, str(tmp_path / "pre"))
-    mine, theirs = model.state_dict(), pre.state_dict()
-    assert all(torch.equal(mine[k], theirs[k]) for k in mine if k.startswith("lxmert."))
-    assert not model.answer_head.logit_fc[0].bias.any()  # BERT initialisation: zero bias, unit LayerNorm
-    assert torch.equal(model.answer_head.logit_fc[2].weight, torch.ones(2 * cfg_model.hidden_size))
+    # one rule, in from_pretrained: the task and a direct call give the same model
+    for model in (
+        build_nlvr2_model(cfg, str(tmp_path / "pre")),
+        LxmertForNLVR2.from_pretrained(tmp_path / "pre"),
+    ):
+        mine, theirs = model.state_dict(), pre.state_dict()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine if k.startswith("lxmert."))
+        assert not model.answer_head.logit_fc[0].bias.any()  # BERT initialisation: zero bias, unit LayerNorm
+        assert torch.equal(model.answer_head.logit_fc[2].weight, torch.ones(2 * cfg_model.hidden_size))
+        assert "answer_head.logit_fc.2.weight" in model.load_report.defaulted
     # a fine-tuned NLVR2 model loads whole, its pair head included
     model.answer_head.logit_fc[3].bias.data.fill_(0.25)
     model.save_pretrained(tmp_path / "nlvr2")
@@ -96,6 +101,36 @@ def test_training_refuses_unlabelled_examples(tmp_path: Path):
     write_json(Path(cfg.data.train[0]), items)
     with pytest.raises(DataFormatError, match=r"1 examples have no label.*train-3-0-0"):
         nlvr2.build(cfg).train_dataset()
+
+
+def test_recipe_drops_examples_with_missing_images_and_counts_them(tmp_path: Path, caplog, capsys):
+    """nlvr2.yaml, as the original: examples whose images are in no store are dropped, counted in the log and in
+    the run summary (printed by lxmert-train); the strict error stays the default elsewhere."""
+    from common.config import load_config
+    from tasks.cli import _summary_text
+    from tasks.config import TrainConfig
+
+    recipe = Path(__file__).resolve().parents[2] / "tasks" / "configs" / "nlvr2.yaml"
+    assert load_config(TrainConfig, recipe).data.allow_missing_images is True
+    assert TrainConfig().data.allow_missing_images is False
+    assert not any(
+        load_config(TrainConfig, recipe.with_name(f"{name}.yaml")).data.allow_missing_images
+        for name in ("vqa", "gqa", "pretrain_lxmert")
+    )
+    cfg = nlvr2_setup(tmp_path, n_images=24)
+    items = json.loads(Path(cfg.data.train[0]).read_text())
+    items[2]["img1"] = items[5]["img0"] = "nlvr2-lost-img1"  # two examples name an image no store has
+    write_json(Path(cfg.data.train[0]), items)
+    with pytest.raises(
+        ValueError, match="1 of .* images .* \\(2 nlvr2 train items\\) are in none of the feature"
+    ):
+        nlvr2.build(cfg).train_dataset()
+    cfg.data.allow_missing_images = True
+    cfg.train.epochs = 1
+    summary = train(cfg, nlvr2.build(cfg), tmp_path / "run")
+    assert summary["dropped_items"] == {"train": 2}
+    assert "(2 nlvr2 train items) are in none of the feature stores" in caplog.text
+    assert "items left out (an image in no feature store): train 2" in _summary_text("nlvr2", summary)
 
 
 def test_tiny_finetune_beats_the_majority_answer(tmp_path: Path):

@@ -194,9 +194,57 @@ def test_masking_options_come_from_the_config():
     assert (options.max_seq_length, options.word_mask_rate, options.visual, options.qa) == (
         12,
         0.3,
-        False,
+        True,  # regions are masked without visual losses too, as the original
         False,
     )
+    restored = load_config(TrainConfig, None, ["pretrain.visual_losses=[]", "pretrain.mask_inputs=with_loss"])
+    assert MaskingOptions.from_config(restored).visual is False
+
+
+@pytest.mark.parametrize("mask_inputs", ["always", "with_loss"])
+def test_ablations_mask_the_inputs_as_the_original(pretrain_files, mask_inputs):
+    """With the masked-LM and every visual loss off, words and regions are still corrupted at the original's
+    rates (pretrain.mask_inputs: always, the default); with_loss leaves them clean. Only matching is trained."""
+    config = make_config(
+        pretrain_files, "pretrain.mlm=false", "pretrain.visual_losses=[]", "pretrain.qa=false",
+        f"pretrain.mask_inputs={mask_inputs}",
+    )  # fmt: skip
+    task = build(config)
+    ds = task.train_dataset()
+    tok = LxmertTokenizer()
+    index = {ds.corpus.uid(i): i for i in range(len(ds))}
+    n_tokens = n_chosen = n_mask_token = n_regions = n_region_masked = n_zero = 0
+    for epoch in range(30):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            item = ds[i]
+            length = int(item["attention_mask"].sum())
+            clean = tok.convert_tokens_to_ids(
+                tok.tokenize(ds.corpus.sentence(index[item["sentence_uid"]]))[: 20 - 2]
+            )
+            ids = item["input_ids"][1 : length - 1]
+            assert len(ids) == len(clean)
+            chosen = item["mlm_labels"][1 : length - 1] != IGNORE
+            assert np.array_equal(ids[~chosen], np.asarray(clean)[~chosen])  # only chosen pieces change
+            n_tokens += len(ids)
+            n_chosen += int(chosen.sum())
+            n_mask_token += int((ids[chosen] == tok.mask_token_id).sum())
+            mask = item["feat_mask"] > 0
+            n_regions += len(mask)
+            n_region_masked += int(mask.sum())
+            n_zero += int((np.abs(item["masked_feats"][mask]).sum(1) == 0).sum())
+            assert np.array_equal(item["masked_feats"][~mask], item["regions"].features[~mask])
+    if mask_inputs == "with_loss":
+        assert n_chosen == n_region_masked == 0
+    else:
+        assert n_chosen / n_tokens == pytest.approx(0.15, abs=0.015)
+        assert n_mask_token / n_chosen == pytest.approx(0.8, abs=0.04)
+        assert n_region_masked / n_regions == pytest.approx(0.15, abs=0.015)
+        assert n_zero / n_region_masked == pytest.approx(0.8, abs=0.05)
+    # the losses are the enabled ones only: masks corrupt the inputs, they add no objective
+    batch = task.collate([ds[i] for i in range(8)])
+    out = task.step(task.build_model(None), batch, 0)
+    assert set(out.parts) == {"matched"}
 
 
 def test_dataset_draw_statistics(pretrain_files):

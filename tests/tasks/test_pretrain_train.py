@@ -4,6 +4,7 @@ reaching bitwise the weights of an uninterrupted one (masks and negatives includ
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from region_labels import random_labels
 from safetensors.torch import load_file
+from tiny_bert import LANGUAGE_PREFIXES, bert_name, save_tiny_bert
 
 from common.config import load_config
 from extract.store import FeatureStore, FeatureWriter
@@ -109,6 +111,25 @@ def test_resumed_run_equals_uninterrupted(config_for, tmp_path: Path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_pretraining_from_bert_keeps_its_weights_through_the_first_step(config_for, tmp_path: Path, caplog):
+    """--load <BERT>: embeddings, the language layer, pooler, MLM and matching heads from BERT; after the first
+    optimizer step (lr 0 under the warmup, as the original's schedule) they still equal BERT's."""
+    caplog.set_level(logging.INFO, logger="model.bert_init")
+    bert = save_tiny_bert(tmp_path / "bert", hidden_size=32, num_attention_heads=4, intermediate_size=64)
+    config = config_for("model.num_attention_heads=4")
+    summary = trainer.train(config, build(config), tmp_path / "run", load=str(tmp_path / "bert"), max_steps=1)
+    assert summary["step"] == 1
+    step = load_file(tmp_path / "run" / "checkpoints" / "step_00000001" / "model.safetensors")
+    from_bert = [k for k in step if k.startswith((*LANGUAGE_PREFIXES, "cls.")) and bert_name(k) in bert]
+    assert {k.split(".")[1] for k in from_bert} >= {"embeddings", "encoder", "pooler", "predictions"}
+    for key in from_bert:
+        assert torch.equal(step[key], bert[bert_name(key)]), key
+    assert not step["lxmert.encoder.x_layers.0.lang_output.dense.bias"].any()  # the rest: LXMERT's init
+    first = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == 0 and np.isfinite(first["loss"])
+    assert f"{len(from_bert)} tensors from BERT" in caplog.text
 
 
 def test_real_lxmert_features_and_answer_table(coco_tsv: Path, shared_data: Path, tmp_path: Path):

@@ -22,6 +22,7 @@ from tasks.cli import main as cli_main
 from tasks.config import TrainLoopConfig
 from tasks.engine import GlobalBatchSampler, TrainingStopped, micro_batching, resolve_amp, train
 from tasks.engine import checkpointing as ckpt
+from tasks.engine.precision import set_tf32
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -272,6 +273,45 @@ def test_amp_auto_follows_the_device(monkeypatch):
     assert resolve_amp("auto", torch.device("cpu")) is None
     monkeypatch.setattr(precision_module, "cpu_autocast_is_fast", lambda dtype: True)
     assert resolve_amp("auto", torch.device("cpu")) == torch.bfloat16
+
+
+def test_tf32_setting_makes_float32_mean_ieee_float32_on_cuda():
+    """train.tf32 false (every recipe): float32 matmuls and cuDNN convolutions in IEEE float32 on CUDA."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.fp32_precision, cudnn.fp32_precision)
+    try:
+        set_tf32(torch.device("cuda", 0), True)
+        assert (matmul.fp32_precision, cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        set_tf32(torch.device("cpu"), True)  # other devices: untouched
+        set_tf32(torch.device("cuda", 0), False)
+        assert (matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) == ("ieee",) * 3
+        set_tf32(torch.device("cpu"), True)
+        assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision, cudnn.fp32_precision = before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_float32_matmul_is_ieee_on_cuda_unless_tf32_is_allowed():
+    """On the GPU itself: train.tf32 false gives float32 products within float32 rounding of float64; true
+    (Ampere and later) lets them drop to TF32's 10-bit mantissa."""
+    device = torch.device("cuda")
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.fp32_precision, cudnn.fp32_precision)
+    a, b = torch.randn(2048, 2048, device=device), torch.randn(2048, 2048, device=device)
+    exact = a.double() @ b.double()
+
+    def error() -> float:
+        return ((a @ b).double() - exact).abs().max().item() / exact.abs().max().item()
+
+    try:
+        set_tf32(device, False)
+        assert error() < 1e-5
+        set_tf32(device, True)
+        if torch.cuda.get_device_capability()[0] >= 8:
+            assert error() > 1e-4
+    finally:
+        matmul.fp32_precision, cudnn.fp32_precision = before
 
 
 def test_a_new_run_refuses_a_run_dir_with_checkpoints(tmp_path, cfg_factory):
