@@ -16,7 +16,7 @@ import asyncio
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -62,12 +62,12 @@ def create_app(
 
     @app.post("/api/answer")
     async def answer(
-        question: list[str] = Form(default_factory=list),
-        image: UploadFile | None = File(default=None),
-        example: str | None = Form(default=None),
-        image_id: str | None = Form(default=None),
-        top_k: int = Form(default=5, ge=1, le=50),
-        draw: bool = Form(default=False),
+        question: Annotated[list[str], Form()] = [],  # noqa: B006 - FastAPI copies form defaults
+        image: Annotated[UploadFile | None, File()] = None,
+        example: Annotated[str | None, Form()] = None,
+        image_id: Annotated[str | None, Form()] = None,
+        top_k: Annotated[int, Form(ge=1, le=50)] = 5,
+        draw: Annotated[bool, Form()] = False,
     ) -> JSONResponse:
         start = time.perf_counter()
         questions = _checked_questions(question, limits.max_question_chars, limits.max_questions)
