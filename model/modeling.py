@@ -1020,7 +1020,9 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
                 out[key] = (per_region * conf.index_select(0, keep)).sum() / n * weight
             elif key == "feat":
                 pred = decoder(h).float()
-                per_region = F.smooth_l1_loss(pred, label.reshape(n, -1).to(pred.dtype), reduction="none").mean(1)
+                per_region = F.smooth_l1_loss(
+                    pred, label.reshape(n, -1).to(pred.dtype), reduction="none"
+                ).mean(1)
                 out[key] = (per_region * conf).sum() / n * weight
             else:
                 logits = decoder(h).float()

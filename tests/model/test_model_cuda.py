@@ -60,7 +60,9 @@ def test_cuda_plan_prunes_rows_without_packing(tiny_batch) -> None:
     mask = tiny_batch["attention_mask"].cuda()
     rows = (tiny_batch["labels"].reshape(-1) != -100).nonzero().squeeze(1).cuda()
     pack = mask.device.type == "cpu"  # what LxmertModel.forward asks for
-    plan = plan_execution(*mask.shape, mask, rows, True, cross_layers=2, every_output=False, pack_padding=pack)
+    plan = plan_execution(
+        *mask.shape, mask, rows, True, cross_layers=2, every_output=False, pack_padding=pack
+    )
     assert plan.packing is None and plan.language_rows is not None
 
 
