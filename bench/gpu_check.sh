@@ -73,7 +73,9 @@ fi
 xdist=()
 "$PY" -c 'import xdist' 2> /dev/null && [[ "$QUICK" != 1 ]] && xdist=(-n 6)
 
-part env 60 env_info
+export -f env_info
+export PY
+part env 60 bash -c env_info
 # the timings first, one at a time (nothing else on the machine) ...
 part model_step 130 "$PY" bench/model_step.py --device "$DEVICE" "${step[@]}" --json "$OUT/model_step.json"
 part extract 80 "$PY" bench/extract.py --device "$DEVICE" "${extract[@]}" --json "$OUT/extract.json"
