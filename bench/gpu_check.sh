@@ -2,11 +2,12 @@
 # The GPU pass in one command (issue 23): the test suite, bench/model_step.py, bench/extract.py and
 # bench/train_loop.py on CUDA, and a tiny full_run demo on CUDA; one markdown table at OUT/gpu_check.md.
 #
-#   bash bench/gpu_check.sh [OUT]              # on a GPU machine, ~6 minutes on one H200 (OUT: runs/gpu_check)
+#   bash bench/gpu_check.sh [OUT]              # on a GPU machine, ~6-8 minutes on one H200 (OUT: runs/gpu_check)
 #   GPU_CHECK_QUICK=1 bash bench/gpu_check.sh  # tiny sizes, any device: a dry run of the script itself (CPU)
 #   PARTS="model_step extract" bash bench/gpu_check.sh   # only some parts (env tests model_step extract
 #                                                        # train_loop demo)
 #
+# STEP_ARGS / EXTRACT_ARGS / LOOP_ARGS / DEMO_ARGS replace a part's arguments (a shorter second pass).
 # Each part runs under its own `timeout` (seconds: TIMEOUT_<part>, e.g. TIMEOUT_tests=200); a part that fails
 # or runs out of time is recorded in the table and the script goes on. Logs and JSON results: OUT/<part>.log,
 # OUT/<part>.json. PYTHON picks the interpreter (default: .venv/bin/python, else python3); the demo needs one whose
@@ -70,21 +71,27 @@ else
     demo=(demo.train_images=300 demo.test_images=100 "demo.pretrain_overrides=[train.epochs=2,data.workers=4]"
           "demo.vqa_overrides=[train.epochs=4,data.workers=4]" demo.draw_examples=2 demo.check_margin=-1)
 fi
+# a shorter pass: any of these replaces that part's arguments (words split on spaces)
+[[ -n "${STEP_ARGS:-}" ]] && read -r -a step <<< "$STEP_ARGS"
+[[ -n "${EXTRACT_ARGS:-}" ]] && read -r -a extract <<< "$EXTRACT_ARGS"
+[[ -n "${LOOP_ARGS:-}" ]] && read -r -a loop <<< "$LOOP_ARGS"
+[[ -n "${DEMO_ARGS:-}" ]] && read -r -a demo <<< "$DEMO_ARGS"
 xdist=()
-"$PY" -c 'import xdist' 2> /dev/null && [[ "$QUICK" != 1 ]] && xdist=(-n 6)
+"$PY" -c 'import xdist' 2> /dev/null && [[ "$QUICK" != 1 ]] && xdist=(-n 12)
 
 export -f env_info
 export PY
 part env 60 bash -c env_info
-# the timings first, one at a time (nothing else on the machine) ...
-part model_step 130 "$PY" bench/model_step.py --device "$DEVICE" "${step[@]}" --json "$OUT/model_step.json"
-part extract 80 "$PY" bench/extract.py --device "$DEVICE" "${extract[@]}" --json "$OUT/extract.json"
-part train_loop 80 "$PY" bench/train_loop.py --device "$DEVICE" "${loop[@]}" --json "$OUT/train_loop.json"
-# ... then the two correctness checks side by side (they time nothing)
+# the model step first, alone (nothing else on the machine) ...
+part model_step 180 "$PY" bench/model_step.py --device "$DEVICE" "${step[@]}" --json "$OUT/model_step.json"
+# ... then the two correctness checks side by side (they time nothing) ...
 rm -rf "$OUT/demo_run"
-part tests 120 "$PY" -m pytest -q -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/tests.xml" "${tests[@]}" &
-part demo 120 env DEVICE="$DEVICE" "$DEMO_PY" -m tasks.full_run --run-dir "$OUT/demo_run" "${demo[@]}" &
+part tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/tests.xml" "${tests[@]}" &
+part demo 150 env DEVICE="$DEVICE" "$DEMO_PY" -m tasks.full_run --run-dir "$OUT/demo_run" "${demo[@]}" &
 wait
+# ... then the other timings, one at a time
+part train_loop 110 "$PY" bench/train_loop.py --device "$DEVICE" "${loop[@]}" --json "$OUT/train_loop.json"
+part extract 130 "$PY" bench/extract.py --device "$DEVICE" "${extract[@]}" --json "$OUT/extract.json"
 if [[ -f "$OUT/demo_run/summary.json" ]]; then cp "$OUT/demo_run/summary.json" "$OUT/demo_summary.json"; fi
 
 "$PY" bench/gpu_report.py "$OUT" > "$OUT/gpu_check.md" || echo "[gpu_check] the report failed" >&2

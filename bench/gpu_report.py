@@ -186,7 +186,9 @@ def rows_demo(out: Path, parts) -> list[tuple[str, ...]]:
                 if isinstance(v, dict)
             )
         )
-    return [("full_run demo", "tiny, on the machine's device", figure, "runs end to end", _status(parts, "demo"))]
+    return [
+        ("full_run demo", "tiny, on the machine's device", figure, "runs end to end", _status(parts, "demo"))
+    ]
 
 
 def main(argv: list[str]) -> int:
