@@ -2,7 +2,8 @@
 # The GPU pass in one command (issue 23): the test suite, bench/model_step.py, bench/extract.py and
 # bench/train_loop.py on CUDA, and a tiny full_run demo on CUDA; one markdown table at OUT/gpu_check.md.
 #
-#   bash bench/gpu_check.sh [OUT]              # on a GPU machine, ~6-8 minutes on one H200 (OUT: runs/gpu_check)
+#   bash bench/gpu_check.sh [OUT]              # on a GPU machine (OUT: runs/gpu_check); about 7-8 minutes on one
+#                                              H200 by its parts' times there (not yet run whole)
 #   GPU_CHECK_QUICK=1 bash bench/gpu_check.sh  # tiny sizes, any device: a dry run of the script itself (CPU)
 #   PARTS="model_step extract" bash bench/gpu_check.sh   # only some parts (env tests model_step extract
 #                                                        # train_loop demo)
@@ -68,8 +69,8 @@ else
     extract=(--n-images 32 --batch-sizes 1,4,8,16 --dtypes fp32,fp16,bf16)
     loop=(--dtype bf16 --batch 32 --steps 20 --warmup 5 --rounds 1 --trainer-workers 4,8 --loader-workers 4,8
           --loader-batches 20 --no-bert-adam)
-    demo=(demo.train_images=300 demo.test_images=100 "demo.pretrain_overrides=[train.epochs=2,data.workers=4]"
-          "demo.vqa_overrides=[train.epochs=4,data.workers=4]" demo.draw_examples=2 demo.check_margin=-1)
+    demo=(demo.train_images=200 demo.test_images=60 "demo.pretrain_overrides=[train.epochs=1,data.workers=4]"
+          "demo.vqa_overrides=[train.epochs=3,data.workers=4]" demo.draw_examples=1 demo.check_margin=-1)
 fi
 # a shorter pass: any of these replaces that part's arguments (words split on spaces)
 [[ -n "${STEP_ARGS:-}" ]] && read -r -a step <<< "$STEP_ARGS"
@@ -86,8 +87,8 @@ part env 60 bash -c env_info
 part model_step 180 "$PY" bench/model_step.py --device "$DEVICE" "${step[@]}" --json "$OUT/model_step.json"
 # ... then the two correctness checks side by side (they time nothing) ...
 rm -rf "$OUT/demo_run"
-part tests 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/tests.xml" "${tests[@]}" &
-part demo 150 env DEVICE="$DEVICE" "$DEMO_PY" -m tasks.full_run --run-dir "$OUT/demo_run" "${demo[@]}" &
+part tests 180 "$PY" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/tests.xml" "${tests[@]}" &
+part demo 180 env DEVICE="$DEVICE" "$DEMO_PY" -m tasks.full_run --run-dir "$OUT/demo_run" "${demo[@]}" &
 wait
 # ... then the other timings, one at a time
 part train_loop 110 "$PY" bench/train_loop.py --device "$DEVICE" "${loop[@]}" --json "$OUT/train_loop.json"
