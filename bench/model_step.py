@@ -7,6 +7,13 @@ honest; rounds alternate the models (other processes on the machine hit both ali
 ours / HF per dtype, peak memory and achieved GFLOP/s (HF's counted FLOPs per sample x samples/s, the useful
 work) against the measured matmul peak of the machine. Never asserts on time.
 
+``--graph`` (CUDA) adds ``ours+graph``: the whole step (forward, backward, clipping, fused AdamW with
+``capturable=True``) captured once in a CUDA graph and replayed, which removes the per-kernel launch cost that
+dominates a step of this size at batch 32; the model takes its fixed-shape path there
+(:func:`model.execution.static_shapes`: MLM logits at every token, so slightly more arithmetic).
+``--batches 32,max``: ``max`` is the largest multiple of 32 whose step fits in the free GPU memory, estimated
+per dtype from batch 32's peak and resident memory (the smaller over the models, so both run the same batch).
+
 On CPU, ours runs with ``model.tune_cpu_allocator()`` (freed memory stays in the process instead of being
 page-faulted in again every step; the recommended first line of a CPU training script), and a third row,
 ``hf+malloc``, gives Hugging Face the same setting, so the table separates what the allocator buys from
@@ -15,6 +22,8 @@ what the model does. ``x HF`` is always against stock ``hf``.
     python bench/model_step.py                     # CPU, fp32 and bf16 autocast, 2 rounds x (2 warm-up + 3 steps)
     python bench/model_step.py --device cuda --steps 20 --warmup 5
     python bench/model_step.py --compile           # also time torch.compile'd ours
+    python bench/model_step.py --device cuda --graph --batches 32,max   # + ours as one CUDA graph; + the
+                                                   # largest batch that fits (estimated from batch 32's memory)
     python bench/model_step.py --task vqa          # a VQA fine-tuning step (LxmertForQuestionAnswering) instead
 """
 
@@ -111,20 +120,24 @@ def make_batch(
     return move(out)
 
 
-def build(impl: str, device: str, compile_model: bool, task: str = "pretrain"):
+def build(impl: str, device: str, compile_model: bool, task: str = "pretrain", graph: bool = False):
     torch.manual_seed(0)
     sizes = SIZES if task == "pretrain" else {**SIZES, "num_qa_labels": VQA_ANSWERS}
     name = "LxmertForPreTraining" if task == "pretrain" else "LxmertForQuestionAnswering"
+    # on a GPU the weights are initialised there (seconds less per worker; the same for both models)
+    where = torch.device(device) if device.startswith("cuda") else nullcontext()
     if impl.startswith("hf"):
         import transformers
 
-        model = getattr(transformers, name)(transformers.LxmertConfig(**sizes))
+        with where:
+            model = getattr(transformers, name)(transformers.LxmertConfig(**sizes))
         opt_kwargs = {}
     else:
         import model as ours
 
-        model = getattr(ours, name)(ours.LxmertConfig(**sizes))
-        opt_kwargs = {"fused": True}
+        with where:
+            model = getattr(ours, name)(ours.LxmertConfig(**sizes))
+        opt_kwargs = {"fused": True, "capturable": graph}
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, eps=1e-6, **opt_kwargs)
     if compile_model:
@@ -141,22 +154,45 @@ def worker(args: argparse.Namespace) -> None:
         from common.cpu import tune_cpu_allocator
 
         tune_cpu_allocator()
-    model, optimizer = build(args.impl, device, args.compile, args.task)
+    model, optimizer = build(args.impl, device, args.compile, args.task, args.graph)
     batch = make_batch(args.batch, args.tokens, args.regions, device, task=args.task)
     autocast = (
-        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+        # a captured graph replays its casts: autocast's weight-cast cache must stay off there
+        torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, cache_enabled=not args.graph)
         if args.dtype == "bf16"
         else nullcontext()
     )
+    params = list(model.parameters())
 
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
+    def body() -> torch.Tensor:
         with autocast:
             loss = model(**batch).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
         optimizer.step()
-        return loss.item()
+        return loss
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        return body().item()
+
+    if args.graph:
+        # warm-up on a side stream, then capture one whole step; the captured backward allocates the gradients
+        # (zeroed to None first) and every replay overwrites them in place
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_loss = body()
+
+        def step() -> float:  # noqa: F811 (the graphed step replaces the eager one)
+            graph.replay()
+            return static_loss.item()
 
     def sync() -> None:
         if device.startswith("cuda"):
@@ -184,9 +220,11 @@ def worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
+    resident = None
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**30
         peak_kind = "cuda_max_allocated"
+        resident = torch.cuda.memory_allocated() / 2**30  # weights, gradients, optimizer state, the batch
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         peak_kind = "peak_rss"
@@ -194,8 +232,10 @@ def worker(args: argparse.Namespace) -> None:
         "RESULT "
         + json.dumps(
             {
-                "impl": args.impl,
+                "impl": args.impl + ("+graph" if args.graph else ""),
                 "dtype": args.dtype,
+                "batch": args.batch,
+                "resident_gib": resident,
                 "samples_per_s": args.batch / median,
                 "step_s": median,
                 "peak_gib": peak,
@@ -224,6 +264,23 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def estimate_max_batch(results: list[dict], free_gib: float, multiple: int = 32) -> int | None:
+    """The largest multiple of ``multiple`` whose step fits ``free_gib``, from batch rows of one dtype:
+    per model, resident (weights, gradients, optimizer state) + batch x (peak - resident) / batch; the smallest
+    over the models. None without CUDA memory figures."""
+    fits = []
+    for r in results:
+        if r.get("resident_gib") is None or r["batch"] <= 0:
+            continue
+        per_sample = max(r["peak_gib"] - r["resident_gib"], 1e-6) / r["batch"]
+        # batch 32's peak underestimates a big batch's per-sample memory (seen on an H200: 21 MB estimated,
+        # 39 MB measured at batch 3392, fp32), so only half the free memory is planned for
+        fits.append((0.5 * free_gib - r["resident_gib"]) / per_sample)
+    if not fits:
+        return None
+    return max(multiple, int(min(fits)) // multiple * multiple)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -238,7 +295,13 @@ def main() -> None:
         help="pretrain: LxmertForPreTraining, all losses; vqa: LxmertForQuestionAnswering (3129 answers, "
         "questions of 6..14 tokens)",
     )
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="the batch (or use --batches)")
+    parser.add_argument(
+        "--batches",
+        default=None,
+        help="comma list of batches; 'max': the largest that fits (CUDA; estimated from the first batch's memory)",
+    )
+    parser.add_argument("--big-steps", type=int, default=3, help="timed steps at batches above the first")
     parser.add_argument("--tokens", type=int, default=20)
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best counts")
@@ -249,25 +312,42 @@ def main() -> None:
         help="comma list of hf, hf+malloc, ours (default: all three on CPU, hf,ours on CUDA)",
     )
     parser.add_argument("--compile", action="store_true", help="also run torch.compile'd ours")
+    parser.add_argument(
+        "--graph",
+        action="store_true",
+        help="CUDA: also run ours as one captured CUDA graph (first batch only)",
+    )
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step")
+    parser.add_argument("--json", help="also write the results (rows, peaks) to this JSON file")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         args.impl, args.dtype = args.worker
         args.compile = args.impl == "ours+compile"
-        args.impl = "ours" if args.compile else args.impl
+        args.graph = args.impl == "ours+graph"
+        args.impl = "ours" if args.compile or args.graph else args.impl
         args.count_flops = not args.no_flops
         worker(args)
         return
 
+    cuda = args.device.startswith("cuda")
+    if args.graph and not cuda:
+        parser.error("--graph needs --device cuda")
     if args.impls is None:
         args.impls = "hf,hf+malloc,ours" if args.device == "cpu" else "hf,ours"
     impls = args.impls.split(",") + (["ours+compile"] if args.compile else [])
+    graph_impls = ["ours+graph"] if args.graph else []
     dtypes = args.dtypes.split(",")
+    batches = (args.batches or str(args.batch)).split(",")
+    if batches[0] == "max" or ("max" in batches and not cuda):
+        parser.error("--batches: 'max' needs CUDA and a numeric first batch to estimate from (e.g. 32,max)")
     print(
-        f"{args.task} step, device {args.device}, threads {torch.get_num_threads()}, batch {args.batch}, "
-        f"{args.tokens} tokens, "
+        f"{args.task} step, device {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if cuda else "")
+        + f", torch {torch.__version__}"
+        + (f" (CUDA {torch.version.cuda})" if cuda else "")
+        + f", threads {torch.get_num_threads()}, batches {','.join(batches)}, {args.tokens} tokens, "
         f"{args.regions} regions"
         + (f", CPU capability {torch.backends.cpu.get_cpu_capability()}" if args.device == "cpu" else "")
     )
@@ -279,45 +359,84 @@ def main() -> None:
             print(f"bf16 left out: {slow} (ask for it with --dtypes bf16 to time it anyway)")
             dtypes.remove("bf16")
         elif slow is not None:
-            print(f"warning: bf16: {slow}")
-    n = 8192 if args.device.startswith("cuda") else 2048
+            print(f"warning: {slow}")
+    n = 8192 if cuda else 2048
     peaks = {"fp32": matmul_peak(args.device, torch.float32, n), "bf16": float("nan")}
-    if "bf16" in dtypes:
+    if "bf16" in dtypes or cuda:
         peaks["bf16"] = matmul_peak(args.device, torch.bfloat16, n)
     print(
         f"matmul peak ({n}^3): fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True
     )
-    results: dict[tuple[str, str], dict] = {}
-    for round_index in range(args.rounds):
-        # Rounds alternate the models so that load from other processes hits both alike; the best round counts.
-        for dtype in dtypes:
-            for impl in impls:
-                cmd = [sys.executable, __file__, "--worker", impl, dtype, "--device", args.device]
-                cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
-                cmd += ["--tokens", str(args.tokens), "--regions", str(args.regions), "--task", args.task]
-                if args.no_flops or impl != "hf" or round_index > 0:
-                    cmd.append("--no-flops")
-                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
-                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if proc.returncode != 0 or line is None:
-                    print(f"{impl} {dtype}: worker failed (exit {proc.returncode})\n{proc.stdout[-2000:]}")
+    free_gib = None
+    if cuda:
+        torch.cuda.empty_cache()
+        free_gib = torch.cuda.mem_get_info(args.device)[0] / 2**30
+
+    results: dict[tuple[str, str, int], dict] = {}
+    failures: list[str] = []
+
+    def run_worker(impl: str, dtype: str, batch: int, round_index: int, first: bool) -> dict | None:
+        steps = args.steps if first else args.big_steps
+        warmup = args.warmup if first else 1
+        cmd = [sys.executable, __file__, "--worker", impl, dtype, "--device", args.device]
+        cmd += ["--steps", str(steps), "--warmup", str(warmup), "--batch", str(batch)]
+        cmd += ["--tokens", str(args.tokens), "--regions", str(args.regions), "--task", args.task]
+        if args.no_flops or impl != "hf" or round_index > 0 or not first:
+            cmd.append("--no-flops")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(
+                f"{impl} {dtype} batch {batch}: worker failed (exit {proc.returncode})\n{proc.stdout[-2000:]}"
+            )
+            failures.append(f"{impl} {dtype} batch {batch}: exit {proc.returncode}")
+            return None
+        r = json.loads(line[len("RESULT ") :])
+        print(
+            f"  round {round_index + 1}: {r['impl']:>13} {dtype} batch {batch}: {r['samples_per_s']:.2f} samples/s, "
+            f"peak {r['peak_gib']:.2f} GiB",
+            flush=True,
+        )
+        best = results.get((r["impl"], dtype, batch))
+        if best is None:
+            results[(r["impl"], dtype, batch)] = r
+        else:
+            r["flops_per_sample"] = r["flops_per_sample"] or best["flops_per_sample"]
+            r["peak_gib"] = min(r["peak_gib"], best["peak_gib"])
+            if r["samples_per_s"] > best["samples_per_s"]:
+                results[(r["impl"], dtype, batch)] = r
+            else:
+                best["peak_gib"] = r["peak_gib"]
+        return r
+
+    resolved: dict[str, list[int]] = {d: [] for d in dtypes}
+    for dtype in dtypes:
+        for bi, spec in enumerate(batches):
+            first = bi == 0
+            if spec == "max":
+                rows = [r for (i, d, b), r in results.items() if d == dtype and b == resolved[dtype][0]]
+                rows = [r for r in rows if not r["impl"].endswith("+graph")]
+                batch = estimate_max_batch(rows, free_gib or 0.0)
+                if batch is None:
+                    print(
+                        f"{dtype}: no batch-{resolved[dtype][0]} memory figures to size 'max' from; skipped"
+                    )
                     continue
-                r = json.loads(line[len("RESULT ") :])
-                print(
-                    f"  round {round_index + 1}: {impl:>13} {dtype}: {r['samples_per_s']:.2f} samples/s, "
-                    f"peak {r['peak_gib']:.2f} GiB",
-                    flush=True,
-                )
-                best = results.get((impl, dtype))
-                if best is None:
-                    results[(impl, dtype)] = r
-                else:
-                    r["flops_per_sample"] = r["flops_per_sample"] or best["flops_per_sample"]
-                    r["peak_gib"] = min(r["peak_gib"], best["peak_gib"])
-                    if r["samples_per_s"] > best["samples_per_s"]:
-                        results[(impl, dtype)] = r
-                    else:
-                        best["peak_gib"] = r["peak_gib"]
+                print(f"{dtype}: largest batch estimated to fit {free_gib:.0f} GiB free: {batch}", flush=True)
+            else:
+                batch = int(spec)
+            resolved[dtype].append(batch)
+            for round_index in range(args.rounds if first else 1):
+                # Rounds alternate the models so that load from other processes hits both alike; the best counts.
+                for impl in impls + (graph_impls if first else []):
+                    r = run_worker(impl, dtype, batch, round_index, first)
+                    if r is None and spec == "max":
+                        smaller = batch * 3 // 4 // 32 * 32
+                        print(f"  retrying {impl} {dtype} at batch {smaller}", flush=True)
+                        r = run_worker(impl, dtype, smaller, round_index, first)
+                        if r is not None:
+                            # keep the row under the 'max' batch for the table, with the batch it really ran
+                            results[(r["impl"], dtype, batch)] = results.pop((r["impl"], dtype, smaller))
 
     hf_flops = next((r["flops_per_sample"] for r in results.values() if r.get("flops_per_sample")), None)
     print()
@@ -325,28 +444,54 @@ def main() -> None:
         print(
             f"HF step: {hf_flops / 1e9:.1f} GFLOP per sample (forward + backward, torch.utils.flop_counter)"
         )
-    header = f"{'model':>13} {'dtype':>5} {'samples/s':>10} {'x HF':>6} {'peak GiB':>9} {'GFLOP/s':>8} {'% peak':>7}"
+    header = (
+        f"{'model':>13} {'dtype':>5} {'batch':>6} {'samples/s':>10} {'x HF':>6} {'peak GiB':>9} {'TFLOP/s':>8} "
+        f"{'% peak':>7} {'% bf16 peak':>11}"
+    )
     print(header)
     print("-" * len(header))
+    rows_out = []
     for dtype in dtypes:
-        base = results.get(("hf", dtype))
-        for impl in impls:
-            r = results.get((impl, dtype))
-            if r is None:
-                continue
-            ratio = f"{r['samples_per_s'] / base['samples_per_s']:.2f}" if base else "-"
-            gflops = hf_flops * r["samples_per_s"] / 1e9 if hf_flops else float("nan")
-            pct = 100 * gflops / peaks[dtype]
-            print(
-                f"{impl:>13} {dtype:>5} {r['samples_per_s']:>10.2f} {ratio:>6} {r['peak_gib']:>9.2f} "
-                f"{gflops:>8.0f} {pct:>6.0f}%"
-            )
+        for batch in resolved[dtype]:
+            base = results.get(("hf", dtype, batch))
+            for impl in impls + graph_impls:
+                r = results.get((impl, dtype, batch))
+                if r is None:
+                    continue
+                ratio = r["samples_per_s"] / base["samples_per_s"] if base else None
+                tflops = hf_flops * r["samples_per_s"] / 1e12 if hf_flops else float("nan")
+                pct = 100 * tflops * 1e3 / peaks[dtype]
+                pct_bf16 = 100 * tflops * 1e3 / peaks["bf16"]
+                print(
+                    f"{impl:>13} {dtype:>5} {r['batch']:>6} {r['samples_per_s']:>10.2f} "
+                    f"{(f'{ratio:.2f}' if ratio else '-'):>6} {r['peak_gib']:>9.2f} {tflops:>8.2f} {pct:>6.0f}% "
+                    f"{pct_bf16:>10.1f}%"
+                )
+                rows_out.append(
+                    {**r, "impl": impl, "x_hf": ratio, "tflops": tflops, "pct_bf16_peak": pct_bf16}
+                )
     kind = next((r["peak_kind"] for r in results.values()), "peak_rss")
-    print(f"(peak = {kind}; GFLOP/s = HF's FLOPs per sample x samples/s, i.e. useful work per second)")
+    print(f"(peak = {kind}; TFLOP/s = HF's FLOPs per sample x samples/s, i.e. useful work per second;")
+    print(" % peak: of the measured matmul peak of the row's dtype; % bf16 peak: of the measured bf16 one)")
     if "hf+malloc" in impls:
         print(
             "(ours runs with model.tune_cpu_allocator(): freed memory stays in the process; hf+malloc is"
             "\n Hugging Face with that same setting; x HF is against stock hf)"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": torch.cuda.get_device_name(args.device) if cuda else "cpu",
+                    "torch": torch.__version__,
+                    "cuda": torch.version.cuda,
+                    "matmul_peak_gflops": peaks,
+                    "hf_flops_per_sample": hf_flops,
+                    "rows": rows_out,
+                    "failures": failures,
+                },
+                indent=1,
+            )
         )
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -254,12 +253,15 @@ def run_bare_step(args: argparse.Namespace) -> dict | None:
     cmd += ["--warmup", str(args.warmup), "--rounds", "1", "--no-flops"]
     if args.small:
         return None  # model_step only knows the full size
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy()).stdout
-    m = re.search(r"ours\s+" + args.dtype + r": ([0-9.]+) samples/s", out)
-    if m is None:
+    with tempfile.TemporaryDirectory(prefix="train_loop_bare_") as tmp:
+        cmd += ["--json", str(Path(tmp) / "step.json")]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy()).stdout
+        result = Path(tmp) / "step.json"
+        rows = json.loads(result.read_text())["rows"] if result.is_file() else []
+    if not rows:
         print(f"bench/model_step.py failed:\n{out[-2000:]}")
         return None
-    return {"samples_per_s": float(m.group(1))}
+    return {"samples_per_s": rows[0]["samples_per_s"]}
 
 
 def main() -> None:
@@ -284,6 +286,7 @@ def main() -> None:
     parser.add_argument("--no-optimizers", action="store_true", help="skip the optimizer-step rows")
     parser.add_argument("--small", action="store_true", help="a small model (smoke run; no bare-step row)")
     parser.add_argument("--data", help="reuse a generated data directory")
+    parser.add_argument("--json", help="also write the rows and ratios to this JSON file")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -373,9 +376,11 @@ def main() -> None:
         shown = f"{value:>10.2f}" if value is not None else f"{'-':>10}"
         ratio = f"{value / base:>12.2f}" if value is not None and base else f"{'-':>12}"
         print(f"{name:<36} {shown} {ratio}")
+    same_process = {}
     for name in [n for n in rows if n.startswith("  same process")]:
         trainer_name = next(n for n in rows if n.startswith("trainer, " + name.rsplit(", ", 1)[1]))
         if rows[name] and rows[trainer_name]:
+            same_process[name.rsplit(", ", 1)[1]] = rows[trainer_name] / rows[name]
             print(f"trainer / bare step in the same process ({name.rsplit(', ', 1)[1]}): "
                   f"{rows[trainer_name] / rows[name]:.2f}")  # fmt: skip
     print(
@@ -383,6 +388,21 @@ def main() -> None:
         "\n best of the rounds; bare step: bench/model_step.py's median, best of the rounds;"
         "\n loader rows: batches produced per second by the DataLoader alone; goal on CPU: trainer >= 0.9 x bare)"
     )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": args.device,
+                    "dtype": args.dtype,
+                    "batch": args.batch,
+                    "rows": {name.strip(): value for name, value in rows.items()},
+                    "bare_step": base,
+                    "same_process_ratio": same_process,
+                    "optimizer_ms": optimizers,
+                },
+                indent=1,
+            )
+        )
     if optimizers:
         print(f"\noptimizer step alone ({optimizers.pop('params') / 1e6:.1f} M parameters, median ms):")
         fused = optimizers.get("torch AdamW fused")

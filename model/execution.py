@@ -7,6 +7,8 @@ tests compare them with Hugging Face's LXMERT and with the plain path). What is 
 - :class:`Dropout` / :func:`dropout`: ``nn.Dropout`` with one 64-bit random draw per four elements on CPU.
 - :class:`Linear` / :func:`linear`: ``nn.Linear`` that, under CPU bf16 autocast, runs few rows in float32.
 - :class:`TiedEmbeddingGradient`: the tied word-embedding / MLM-decoder matrix gets ONE dense gradient on CPU.
+- :func:`static_shapes`: whether a forward must keep its shapes data-independent and the host out of it
+  (``torch.compile``, CUDA graph capture).
 - :class:`ExecutionPlan`, built once per forward by :func:`plan_execution`: which language outputs of the
   last cross-modality layer are read, whether its vision side is, and whether the language tokens travel
   packed (padding skipped: :class:`TokenPacking`). The layers take it as one argument and hand the work to
@@ -41,6 +43,18 @@ def warn_if_slow_cpu_autocast(device: torch.device) -> None:
     message = cpu_autocast_warning(dtype)
     if message is not None:
         warnings.warn(f"LXMERT: {message}", RuntimeWarning, stacklevel=3)
+
+
+def static_shapes(reference: Tensor) -> bool:
+    """Whether this forward must have data-independent shapes and no host sync: under ``torch.compile`` or while
+    a CUDA graph is being captured (``reference``: any input tensor, for its device).
+
+    Where it is True the layers take the paths of fixed shapes (every token, every region) that a graph can
+    replay; elsewhere they may select rows by data (``nonzero``), which waits for the device.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    return reference.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 # --------------------------------------------------------------------------------------------------------------

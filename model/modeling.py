@@ -47,6 +47,7 @@ from .execution import (
     linear,
     plan_execution,
     self_attention,
+    static_shapes,
     warn_if_slow_cpu_autocast,
 )
 from .losses import masked_mean_cross_entropy, soft_score_bce
@@ -183,11 +184,12 @@ def compute_dtype(reference: Tensor) -> torch.dtype:
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """``(B, S)`` 1/0 mask -> ``(B, 1, 1, S)`` additive mask (0 / most negative finite ``dtype`` value).
 
-    Returns ``None`` for ``None`` or an all-ones mask (no masking: the faster attention path).
+    Returns ``None`` for ``None``, and on CPU for an all-ones mask (no masking: the faster attention path). On a
+    GPU that check would wait for the device at every forward, so the mask is always built there.
     """
     if mask is None:
         return None
-    if not torch.compiler.is_compiling() and bool(mask.all()):
+    if mask.device.type == "cpu" and not torch.compiler.is_compiling() and bool(mask.all()):
         return None
     return ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
 
@@ -900,7 +902,8 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         - ``matched_label`` (B,): 1 = sentence matches the image. ``ans`` (B,): answer index, -100 = none.
         - ``full_mlm_logits``: ``None`` (default) computes vocabulary logits at every token without
           ``labels`` and only at labelled tokens with them (``prediction_logits`` (N, vocab) then, with
-          ``masked_lm_index``); ``True`` forces full ``(B, L, vocab)`` logits.
+          ``masked_lm_index``); ``True`` forces full ``(B, L, vocab)`` logits. Under ``torch.compile`` or CUDA
+          graph capture (:func:`~model.execution.static_shapes`) the logits are always full: fixed shapes.
 
         With MLM labels the backbone is told that only [CLS] and the labelled tokens are read (see
         :meth:`LxmertModel.forward`). On CPU the tied word-embedding / decoder matrix gets one dense gradient
@@ -909,7 +912,8 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         config = self.config
         use_labels = labels is not None and config.task_mask_lm
         masked_index = None
-        if use_labels and not full_mlm_logits:
+        if use_labels and not full_mlm_logits and not static_shapes(labels):
+            # (under torch.compile / CUDA graph capture the shapes stay fixed: logits at every token)
             flat_labels = labels.reshape(-1)
             masked_index = (flat_labels != -100).nonzero().squeeze(1)
         mlm_head = self.cls.predictions
@@ -1003,13 +1007,21 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         for key, decoder in head.decoder_dict.items():
             label, conf = obj_labels[key]
             conf = conf.reshape(-1)
-            if key == "feat":
+            if key == "feat" and h.device.type == "cpu" and not static_shapes(h):
                 # Regression only where the weight is non-zero (the masked regions); the mean stays over all n.
+                # (On a GPU the selection would wait for the device mid-step: there every region is regressed
+                # and the zero weights drop the others, below.)
                 keep = (conf != 0).nonzero().squeeze(1)
                 pred = decoder(h.index_select(0, keep)).float()
                 target = label.reshape(n, -1).index_select(0, keep).to(pred.dtype)
                 per_region = F.smooth_l1_loss(pred, target, reduction="none").mean(1)
                 out[key] = (per_region * conf.index_select(0, keep)).sum() / n * weight
+            elif key == "feat":
+                pred = decoder(h).float()
+                per_region = F.smooth_l1_loss(
+                    pred, label.reshape(n, -1).to(pred.dtype), reduction="none"
+                ).mean(1)
+                out[key] = (per_region * conf).sum() / n * weight
             else:
                 logits = decoder(h).float()
                 per_region = F.cross_entropy(logits, label.reshape(-1), ignore_index=-100, reduction="none")
