@@ -88,7 +88,7 @@ part model_step 180 "$PY" bench/model_step.py --device "$DEVICE" "${step[@]}" --
 # ... then the two correctness checks side by side (they time nothing) ...
 rm -rf "$OUT/demo_run"
 part tests 180 "$PY" -m pytest -q -rfE -p no:cacheprovider "${xdist[@]}" --junitxml="$OUT/tests.xml" "${tests[@]}" &
-part demo 180 env DEVICE="$DEVICE" "$DEMO_PY" -m tasks.full_run --run-dir "$OUT/demo_run" "${demo[@]}" &
+part demo 180 env DEVICE="$DEVICE" "$DEMO_PY" -m pipelines.full_run --run-dir "$OUT/demo_run" "${demo[@]}" &
 wait
 # ... then the other timings, one at a time
 part train_loop 110 "$PY" bench/train_loop.py --device "$DEVICE" "${loop[@]}" --json "$OUT/train_loop.json"

@@ -15,7 +15,7 @@ from toy_task import ToyTask, toy_config
 
 from common.config import save_config
 from tasks import checkpointing as ckpt
-from tasks.trainer import train
+from tasks.engine.trainer import train
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
