@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from toy_task import ToyTask, toy_config
 
 from common.config import save_config
-from tasks import checkpointing as ckpt
+from tasks.engine import checkpointing as ckpt
 from tasks.engine.trainer import train
 
 pytestmark = [
