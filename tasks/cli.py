@@ -110,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         print("lxmert-train: error: --max-steps must be >= 1", file=sys.stderr)
         return 2
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        print(
+            f"lxmert-train: error: --output {args.output} is a file; give a run directory (a new one, or the "
+            "run to continue with --resume)",
+            file=sys.stderr,
+        )
+        return 2
     if args.task not in TASKS:
         print(
             f"lxmert-train: error: the task {args.task!r} is not available in this install", file=sys.stderr
