@@ -43,11 +43,13 @@ __all__ = [
     "get_rng_state",
     "load_model_weights",
     "load_trainer_state",
+    "remove_leftovers",
     "save_checkpoint",
     "save_model_dir",
     "set_rng_state",
     "step_dir_name",
     "verify_checkpoint",
+    "verify_model_dir",
 ]
 
 STATE_NAME = "trainer_state.pt"
@@ -171,11 +173,44 @@ def save_checkpoint(
     return final
 
 
+def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries a run killed while writing left in ``run_dir`` and ``run_dir/checkpoints``
+    (``.tmp-*`` folders and links, ``.old-*`` folders); returns what was removed. Call it only while holding the
+    run directory (no other writer)."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in sorted([*folder.glob(".tmp-*"), *folder.glob(".old-*")]):
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        logger.info(
+            "removed %d leftover temporary folder(s) of an interrupted run: %s", len(removed), removed
+        )
+    return removed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------
 def verify_checkpoint(directory: Path) -> str | None:
-    """None when every file in the manifest is present with its size and sha256; else what is wrong."""
+    """None when every file in the manifest is present with its size and sha256 and the trainer state is among
+    them; else what is wrong."""
+    problem = verify_model_dir(directory)
+    if problem is None and not (directory / STATE_NAME).is_file():
+        return f"{directory}: no {STATE_NAME} (a model-only directory, not a training checkpoint)"
+    return problem
+
+
+def verify_model_dir(directory: Path) -> str | None:
+    """None when every file in ``directory``'s manifest is present with its size and sha256; else what is wrong
+    (a model folder such as ``final/`` or a checkpoint)."""
+    if not directory.is_dir():
+        return f"{directory}: missing"
     manifest_path = directory / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -191,8 +226,6 @@ def verify_checkpoint(directory: Path) -> str | None:
             return f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
         if file_sha256(path) != entry["sha256"]:
             return f"{path}: sha256 differs from the manifest (corrupted)"
-    if STATE_NAME not in files:
-        return f"{directory}: no {STATE_NAME} (a model-only directory, not a training checkpoint)"
     return None
 
 

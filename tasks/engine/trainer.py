@@ -14,6 +14,9 @@ nccl on CUDA) with the same command. What it does, in order:
    (:mod:`tasks.engine.hooks`): validation at each epoch end with ``RUN_DIR/best``, checkpoints;
 6. ``RUN_DIR/final``, ``curves.png`` and a summary.
 
+One run per RUN_DIR at a time: rank 0 holds ``RUN_DIR/.lock`` (:func:`tasks.engine.resume.hold_run_dir`) for the
+whole run and first removes what a run killed while writing left behind.
+
 RUN_DIR: ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``curves.png``, ``checkpoints/step_NNNNNNNN/``,
 ``checkpoints/latest``, ``best/``, ``final/`` (see :mod:`tasks.engine.checkpointing`).
 """
@@ -42,7 +45,7 @@ from tasks.engine.batching import GlobalBatchSampler, micro_batching, to_device
 from tasks.engine.hooks import CheckpointHook, EvalHook, Hook, TrainLoop
 from tasks.engine.optim import build_optimizer
 from tasks.engine.precision import autocast, resolve_amp
-from tasks.engine.resume import Progress, find_resume_point, seed_everything
+from tasks.engine.resume import Progress, ResumePoint, find_resume_point, hold_run_dir, seed_everything
 from tasks.engine.runlog import RunLog, plot_curves
 from tasks.engine.task import Task
 
@@ -73,12 +76,33 @@ def train(
     that many optimizer steps in all (a checkpoint is saved there); ``model`` / ``dist``: injected parts.
     """
     run_dir = Path(run_dir)
+    own_dist = dist is None
+    dist = dist or DistContext.from_env(_device_type(config.train.device))
+    lock = hold_run_dir(run_dir, f"lxmert-train {task.name}", dist)  # one run per RUN_DIR at a time
+    try:
+        return _train(config, task, run_dir, load, resume, max_steps, model, dist, own_dist)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(
+    config: TrainConfig,
+    task: Task,
+    run_dir: Path,
+    load: str | None,
+    resume: bool,
+    max_steps: int | None,
+    model: nn.Module | None,
+    dist: DistContext,
+    own_dist: bool,
+) -> dict[str, Any]:
     tc, dc = config.train, config.data
     t_start = time.perf_counter()
 
     # --- 1. processes, device, precision -------------------------------------------------------------
-    own_dist = dist is None
-    dist = dist or DistContext.from_env(_device_type(tc.device))
+    if dist.is_main:
+        ckpt.remove_leftovers(run_dir)  # temporaries of a run killed while writing (we hold RUN_DIR now)
     device = resolve_device(tc.device or None, dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -108,6 +132,9 @@ def train(
             "lower data.batch_size or add data"
         )
     t_total = steps_per_epoch * tc.epochs
+    stop_at = t_total if max_steps is None else min(t_total, max_steps)
+    if point is not None and point.state["step"] >= stop_at:  # a finished run resumed: nothing left to do
+        return _nothing_to_do(task, run_dir, model, point, t_total, dist, own_dist, t_start)
     cuda = device.type == "cuda"
     loader_kwargs = dict(
         collate_fn=task.collate, num_workers=dc.workers, pin_memory=cuda, persistent_workers=False
@@ -132,7 +159,6 @@ def train(
     log = RunLog(
         run_dir, dist.is_main, t_total, progress.step, dc.batch_size, tc.log_every, point is not None
     )
-    stop_at = t_total if max_steps is None else min(t_total, max_steps)
     loop = TrainLoop(
         config, task, run_dir, model, net, optimizer, schedule, scaler, dist, device,
         autocast(device, amp_dtype), log, progress, steps_per_epoch, stop_at, load, loader_kwargs,
@@ -188,6 +214,48 @@ def train(
         "bad_steps": p.bad_total,
         "final": str(run_dir / "final"),
         "best": str(run_dir / "best") if p.best_score is not None else None,
+        "seconds": time.perf_counter() - t_start,
+    }
+    dist.barrier()
+    if own_dist:
+        dist.close()
+    return summary
+
+
+def _nothing_to_do(
+    task: Task,
+    run_dir: Path,
+    model: nn.Module,
+    point: ResumePoint,
+    t_total: int,
+    dist: DistContext,
+    own_dist: bool,
+    t_start: float,
+) -> dict[str, Any]:
+    """``--resume`` of a run whose last checkpoint is at (or past) the step it stops at: no step is taken, the logs
+    are left as they are; ``final/`` is written from the checkpoint only when it is missing or damaged (a run
+    killed while writing it). The summary says ``nothing_to_do``."""
+    state = point.state
+    final = run_dir / "final"
+    if dist.is_main:
+        problem = ckpt.verify_model_dir(final)
+        if problem is not None:
+            logger.info("%s: %s; written again from %s", final, problem, point.directory)
+            ckpt.save_model_dir(final, model, task.checkpoint_extras())
+    best = state.get("best_score")
+    summary = {
+        "task": task.name,
+        "step": state["step"],
+        "t_total": t_total,
+        "epochs_done": state["epoch"],
+        "completed": state["step"] >= t_total,
+        "nothing_to_do": True,
+        "train_loss": None,
+        "valid": {},
+        "best_score": best,
+        "bad_steps": state.get("bad_steps_total", 0),
+        "final": str(final),
+        "best": str(run_dir / "best") if best is not None and (run_dir / "best").is_dir() else None,
         "seconds": time.perf_counter() - t_start,
     }
     dist.barrier()

@@ -3,11 +3,21 @@ a rerun of a finished run, two runs on one RUN_DIR, a full disk, bad records."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+from toy_task import toy_config
 
+from common.config import save_config
 from tasks.cli import main as cli_main
+
+TOY = Path(__file__).resolve().parent / "toy_task.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,3 +57,100 @@ def test_output_naming_a_file_is_refused(tmp_path, capsys):
     argv = ["vqa", "--eval-only", "--load", str(tmp_path), "--data", "x.json", "--output", str(target)]
     assert cli_main(argv) == 2
     assert f"--output {target} is a file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ a finished run, again
+def _vqa_config_file(tmp_path: Path, **loop) -> Path:
+    from finetune_data import qa_setup
+
+    cfg = qa_setup(tmp_path / "data", n_train=32, n_valid=8)
+    cfg.train.epochs = 1
+    for key, value in loop.items():
+        setattr(cfg.train, key, value)
+    return save_config(cfg, tmp_path / "vqa.yaml")
+
+
+def _leftovers(run: Path) -> list[str]:
+    return sorted(p.name for p in [*run.glob(".tmp-*"), *run.glob("checkpoints/.tmp-*"), *run.glob(".old-*")])
+
+
+def test_resume_of_a_finished_run_says_so_and_exits_0(tmp_path, capsys):
+    config, run = str(_vqa_config_file(tmp_path)), tmp_path / "run"
+    assert cli_main(["vqa", "--config", config, "--output", str(run)]) == 0
+    capsys.readouterr()
+    final = (run / "final" / "model.safetensors").read_bytes()
+    metrics = (run / "metrics.jsonl").read_text()
+    # the pipeline adds --resume whenever a checkpoint exists: a rerun of the finished stage must pass
+    assert cli_main(["vqa", "--config", config, "--output", str(run), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished at step 2/2" in out and "nothing to do" in out, out
+    assert (run / "final" / "model.safetensors").read_bytes() == final
+    assert (run / "metrics.jsonl").read_text() == metrics
+    assert _leftovers(run) == []
+
+
+def test_resume_of_a_run_killed_while_writing_final(tmp_path, capsys):
+    config, run = str(_vqa_config_file(tmp_path)), tmp_path / "run"
+    assert cli_main(["vqa", "--config", config, "--output", str(run)]) == 0
+    final = (run / "final" / "model.safetensors").read_bytes()
+    # killed while writing final/: the last checkpoint is complete, final/ is a half-written temporary folder
+    (run / "final").rename(run / ".tmp-final-99999")
+    (run / ".tmp-final-99999" / "model.safetensors").write_bytes(final[:100])
+    (run / "checkpoints" / ".tmp-step_00000003-99999").mkdir()
+    capsys.readouterr()
+    assert cli_main(["vqa", "--config", config, "--output", str(run), "--resume"]) == 0
+    assert "already finished at step 2/2" in capsys.readouterr().out
+    assert (run / "final" / "model.safetensors").read_bytes() == final  # the last checkpoint's weights
+    assert _leftovers(run) == []
+
+
+# ------------------------------------------------------------------------------------ two runs, one RUN_DIR
+def test_cli_refuses_a_run_dir_held_by_another_run(tmp_path, capsys):
+    from common.lock import FolderLock
+
+    config, run = str(_vqa_config_file(tmp_path)), tmp_path / "run"
+    with FolderLock(run, "lxmert-train vqa"):
+        assert cli_main(["vqa", "--config", config, "--output", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"in use by lxmert-train vqa (pid {os.getpid()} on" in err, err
+    assert sorted(p.name for p in run.iterdir()) == []  # nothing written by the refused run
+
+
+@pytest.mark.slow
+def test_two_processes_on_one_run_dir_then_kill_9(tmp_path, tiny_store, tiny_items):
+    """A holds RUN_DIR (paused mid-run); B is refused naming A and touches nothing; A is killed with SIGKILL; C
+    (--resume) finds A's lock stale, takes it over and finishes the run."""
+    train_json, _ = tiny_items
+    config = toy_config(tmp_path, tiny_store, train_json, epochs=2, save_every=2)
+    save_config(config, tmp_path / "config.yaml")
+    run, marker = tmp_path / "run", tmp_path / "run.paused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, str(TOY), str(tmp_path / "config.yaml"), str(run)]
+    a = subprocess.Popen(
+        [*cmd, "--pause-at-call", "6"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        for _ in range(1200):  # until A pauses at its 6th step (checkpoints at steps 2 and 4 written)
+            if marker.exists() or a.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert marker.read_text() == str(a.pid)
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+        b = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=240)
+        assert b.returncode != 0 and f"in use by lxmert-train toy (pid {a.pid} on" in b.stderr, b.stderr[
+            -2000:
+        ]
+        after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+        assert after == before  # B wrote nothing: A's logs and checkpoints are intact
+        a.kill()
+        a.wait(timeout=30)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    c = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=240)
+    assert c.returncode == 0, c.stderr[-3000:]
+    assert f"stale lock of lxmert-train toy (pid {a.pid} on" in c.stderr and "taken over" in c.stderr
+    assert json.loads(c.stdout.split("SUMMARY ", 1)[1])["step"] == 16
+    assert not (run / ".lock").exists()
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))  # one line per step, none lost or doubled
