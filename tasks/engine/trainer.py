@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 from common.config import ConfigError, save_config
 from common.cpu import tune_cpu_allocator
+from common.diskspace import as_disk_full
 from common.distributed import DistContext, resolve_device
 from tasks.config import TrainConfig
 from tasks.engine import checkpointing as ckpt
@@ -81,9 +82,26 @@ def train(
     lock = hold_run_dir(run_dir, f"lxmert-train {task.name}", dist)  # one run per RUN_DIR at a time
     try:
         return _train(config, task, run_dir, load, resume, max_steps, model, dist, own_dist)
+    except (OSError, RuntimeError) as exc:  # a checkpoint, a log or the config meeting a full disk: one line
+        full = as_disk_full(exc, run_dir, guess=False)
+        if full is None:
+            raise
+        raise TrainingStopped(f"{full}; {_how_to_go_on(run_dir)}") from exc
     finally:
         if lock is not None:
             lock.release()
+
+
+def _how_to_go_on(run_dir: Path) -> str:
+    """Where a run stopped by a full disk continues from, once there is room again."""
+    steps = ckpt.list_step_dirs(run_dir / "checkpoints")
+    if not steps:
+        return "no checkpoint was written yet: free some space and run the same command again"
+    step, path = steps[0]
+    return (
+        f"the last complete checkpoint is {path} (step {step}): free some space and run the same command with "
+        "--resume to continue from it"
+    )
 
 
 def _train(
@@ -174,32 +192,34 @@ def _train(
 
     # --- 5. the loop ---------------------------------------------------------------------------------------
     p = progress
-    while p.epoch < tc.epochs and p.step < stop_at:
-        train_set.set_epoch(p.epoch)
-        sampler = GlobalBatchSampler(
-            len(train_set), dc.batch_size, micro, accum, dist.rank, dist.world_size, tc.seed, p.epoch,
-            p.step_in_epoch,
-        )  # fmt: skip
-        # own generator: creating the iterator must not draw from the global RNG (exact resume)
-        loader = DataLoader(
-            train_set, batch_size=micro, sampler=sampler, generator=torch.Generator().manual_seed(p.epoch),
-            **loader_kwargs,
-        )  # fmt: skip
-        batches = iter(loader)
-        net.train()
-        while p.step_in_epoch < steps_per_epoch and p.step < stop_at:
-            loss, parts = forward_backward(loop, batches, accum)
-            update(loop, loss, parts)
-            for hook in hooks:
-                hook.after_step(loop)
-        del batches, loader
-        if p.step_in_epoch == steps_per_epoch:
-            p.epoch, p.step_in_epoch = p.epoch + 1, 0
+    try:
+        while p.epoch < tc.epochs and p.step < stop_at:
+            train_set.set_epoch(p.epoch)
+            sampler = GlobalBatchSampler(
+                len(train_set), dc.batch_size, micro, accum, dist.rank, dist.world_size, tc.seed, p.epoch,
+                p.step_in_epoch,
+            )  # fmt: skip
+            # own generator: creating the iterator must not draw from the global RNG (exact resume)
+            loader = DataLoader(
+                train_set, batch_size=micro, sampler=sampler, generator=torch.Generator().manual_seed(p.epoch),
+                **loader_kwargs,
+            )  # fmt: skip
+            batches = iter(loader)
+            net.train()
+            while p.step_in_epoch < steps_per_epoch and p.step < stop_at:
+                loss, parts = forward_backward(loop, batches, accum)
+                update(loop, loss, parts)
+                for hook in hooks:
+                    hook.after_step(loop)
+            del batches, loader
+            if p.step_in_epoch == steps_per_epoch:
+                p.epoch, p.step_in_epoch = p.epoch + 1, 0
 
-    # --- 6. the end ----------------------------------------------------------------------------------------
-    if dist.is_main:
-        ckpt.save_model_dir(run_dir / "final", model, task.checkpoint_extras())
-    log.close()
+        # --- 6. the end ------------------------------------------------------------------------------------
+        if dist.is_main:
+            ckpt.save_model_dir(run_dir / "final", model, task.checkpoint_extras())
+    finally:  # also when the run stops: the progress bar ends its line before any message
+        log.close()
     if dist.is_main:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     summary = {
@@ -318,7 +338,6 @@ def update(loop: TrainLoop, loss: torch.Tensor, parts: dict[str, torch.Tensor]) 
             p.step + 1, "loss" if bad_ranks > 0 else "gradient norm", p.bad_in_row, p.bad_total,
         )  # fmt: skip
         if p.bad_in_row >= tc.max_bad_steps:
-            loop.log.close()
             raise TrainingStopped(
                 f"stopped at step {p.step + 1} (epoch {p.epoch + 1}): {p.bad_in_row} non-finite losses in a row "
                 f"(train.max_bad_steps={tc.max_bad_steps}); lower optim.lr, use train.amp=bf16 or none, "

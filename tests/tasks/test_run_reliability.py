@@ -3,18 +3,26 @@ a rerun of a finished run, two runs on one RUN_DIR, a full disk, bad records."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from toy_task import toy_config
+import torch
+from finetune_data import qa_setup
+from safetensors.torch import load_file
+from toy_task import ToyTask, toy_config
 
+from common import diskspace
 from common.config import save_config
+from common.lock import FolderLock
 from tasks.cli import main as cli_main
+from tasks.engine import TrainingStopped, checkpointing, train
 
 TOY = Path(__file__).resolve().parent / "toy_task.py"
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +69,6 @@ def test_output_naming_a_file_is_refused(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ a finished run, again
 def _vqa_config_file(tmp_path: Path, **loop) -> Path:
-    from finetune_data import qa_setup
-
     cfg = qa_setup(tmp_path / "data", n_train=32, n_valid=8)
     cfg.train.epochs = 1
     for key, value in loop.items():
@@ -106,8 +112,6 @@ def test_resume_of_a_run_killed_while_writing_final(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------------ two runs, one RUN_DIR
 def test_cli_refuses_a_run_dir_held_by_another_run(tmp_path, capsys):
-    from common.lock import FolderLock
-
     config, run = str(_vqa_config_file(tmp_path)), tmp_path / "run"
     with FolderLock(run, "lxmert-train vqa"):
         assert cli_main(["vqa", "--config", config, "--output", str(run)]) == 2
@@ -154,3 +158,57 @@ def test_two_processes_on_one_run_dir_then_kill_9(tmp_path, tiny_store, tiny_ite
     assert not (run / ".lock").exists()
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))  # one line per step, none lost or doubled
+
+
+# ------------------------------------------------------------------------------------------------ a full disk
+def _disk_full_at_save(monkeypatch, nth: int, error: Exception) -> None:
+    """The ``nth`` torch.save of a trainer state (a checkpoint) fails as on a full disk, after writing a part."""
+    real, calls = checkpointing.torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == nth:
+            Path(f).write_bytes(b"partial")
+            raise error
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", save)
+
+
+@pytest.mark.parametrize("how", ["ENOSPC", "torch"])
+def test_full_disk_at_a_checkpoint_stops_in_one_line_and_resumes_exactly(
+    tmp_path, tiny_store, tiny_items, monkeypatch, how
+):
+    if how == "ENOSPC":
+        error: Exception = OSError(errno.ENOSPC, "No space left on device")
+    else:  # what torch.save says on a full disk: nothing about space (the free space tells)
+        error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        monkeypatch.setattr(diskspace, "free_bytes", lambda path: 4096)
+    train_json, _ = tiny_items
+    config = toy_config(tmp_path, tiny_store, train_json, epochs=2, save_every=3)
+    _disk_full_at_save(monkeypatch, nth=2, error=error)  # step 3 saved, step 6 meets the full disk
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as info:
+        train(config, ToyTask(config), run)
+    msg = str(info.value)
+    assert "\n" not in msg and f"disk full: cannot write {run / 'checkpoints' / 'step_00000006'}" in msg
+    assert "free on that file system" in msg and "step_00000003" in msg and "--resume" in msg, msg
+    assert _leftovers(run) == [] and not (run / "checkpoints" / "step_00000006").exists()
+    monkeypatch.undo()  # space freed
+    train(config, ToyTask(config), run, resume=True)
+    train(config, ToyTask(config), tmp_path / "plain")
+    a = load_file(str(run / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "plain" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_full_disk_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    config, run = str(_vqa_config_file(tmp_path)), tmp_path / "run"
+    _disk_full_at_save(monkeypatch, nth=1, error=OSError(errno.ENOSPC, "No space left on device"))
+    assert cli_main(["vqa", "--config", config, "--output", str(run)]) == 1
+    err = [
+        line
+        for line in re.split(r"[\r\n]", capsys.readouterr().err)
+        if line.strip() and not line.startswith(("train:", "INFO"))  # the progress bar, the log
+    ]
+    assert len(err) == 1 and "disk full: cannot write" in err[0] and "no checkpoint was written yet" in err[0]
