@@ -38,10 +38,18 @@ MAX_RETRIES = 64
 
 
 def key_of(img_id: str) -> bytes:
-    """The LMDB key of an image id (UTF-8); TypeError for anything but a str."""
+    """The LMDB key of an image id (UTF-8); TypeError for anything but a str, :class:`StoreError` for a str that
+    is not valid text (a file name's undecodable bytes: see :func:`extract.image_list.printable`)."""
     if not isinstance(img_id, str):
         raise TypeError(f"image ids are str, got {type(img_id).__name__} {img_id!r}")
-    return img_id.encode("utf-8")
+    try:
+        return img_id.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = img_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise StoreError(
+            f"image id {shown!r} is not valid text (undecodable bytes of a file name); give it as text, e.g. with "
+            "each such byte written as \\xNN as extract-features does"
+        ) from None
 
 
 def check_store_dir(path: Path, *, must_exist: bool) -> None:
