@@ -14,10 +14,13 @@ A Hugging Face Hub model carries none of the JSON files; each reader returns Non
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 
 from model.checkpoint import WEIGHTS_NAME
@@ -27,6 +30,7 @@ from tasks.data.regions import FeatureStats, RegionFeatures
 
 __all__ = [
     "EXTRACTOR_FILE",
+    "ModelLoadError",
     "FEATURES_FILE",
     "LABEL2ANS_FILE",
     "WEIGHTS_NAME",
@@ -35,12 +39,35 @@ __all__ = [
     "read_extractor_record",
     "read_feature_record",
     "read_feature_stats",
+    "reading_model",
     "write_model_files",
 ]
 
 LABEL2ANS_FILE = "label2ans.json"
 EXTRACTOR_FILE = "extractor.json"
 FEATURES_FILE = "features.json"
+
+
+class ModelLoadError(DataFormatError):
+    """A model (folder or file) that cannot be loaded: damaged, truncated or not an LXMERT checkpoint."""
+
+
+@contextlib.contextmanager
+def reading_model(source: Any) -> Iterator[None]:
+    """Around the loading of the model ``source``: whatever a damaged or foreign checkpoint makes the readers raise
+    (a truncated or empty safetensors file, a ``config.json`` that is not JSON or holds values of the wrong type,
+    missing files) becomes one :class:`ModelLoadError` naming ``source``."""
+    try:
+        yield
+    except DataFormatError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:
+        if str(source) in str(e):  # the reader named the file and what to do
+            raise ModelLoadError(f"cannot load the model {source}: {e}") from e
+        raise ModelLoadError(
+            f"cannot load the model {source}: {type(e).__name__}: {e}; the checkpoint is damaged or not an LXMERT "
+            "model (copy it again, or give another)"
+        ) from e
 
 
 def write_model_files(directory: Path, model: nn.Module, extras: dict[str, Any]) -> None:

@@ -29,7 +29,7 @@ from model.checkpoint import build_from_state_dict, to_hf_state_dict
 from model.losses import masked_mean_cross_entropy
 from tasks.config import TrainConfig
 from tasks.data.jsonio import DataFormatError, read_json_list, read_text
-from tasks.data.model_folder import feature_extras
+from tasks.data.model_folder import feature_extras, reading_model
 from tasks.data.regions import RegionFeatures, collate_regions
 from tasks.data.stores import keep_found_images, open_features
 from tasks.data.text import TextItemsDataset
@@ -148,8 +148,9 @@ def build_nlvr2_model(config: TrainConfig, load: str | None) -> nn.Module:
     if not load:
         logger.info("NLVR2 model from scratch: no --load given")
         return LxmertForNLVR2(scratch_config(config))
-    raw, file_config, container = read_checkpoint(load)
-    state, fmt = to_hf_state_dict(raw, container)
+    with reading_model(load):
+        raw, file_config, container = read_checkpoint(load)
+        state, fmt = to_hf_state_dict(raw, container)
     hidden = (
         state["lxmert.embeddings.word_embeddings.weight"].shape[1]
         if "lxmert.embeddings.word_embeddings.weight" in state
@@ -165,7 +166,8 @@ def build_nlvr2_model(config: TrainConfig, load: str | None) -> nn.Module:
             load,
             len(dropped),
         )
-    return build_from_state_dict(LxmertForNLVR2, state, fmt, container, file_config)
+    with reading_model(load):
+        return build_from_state_dict(LxmertForNLVR2, state, fmt, container, file_config)
 
 
 @dataclass

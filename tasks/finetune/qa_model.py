@@ -15,7 +15,7 @@ from model.answers import qa_model_from_pretraining
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table, normalize_answer
 from tasks.data.jsonio import DataFormatError
-from tasks.data.model_folder import LABEL2ANS_FILE, read_answers
+from tasks.data.model_folder import LABEL2ANS_FILE, read_answers, reading_model
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,12 @@ def build_qa_model(config: TrainConfig, answers: list[str], load: str | None) ->
     if not load:
         logger.info("QA model from scratch (%d answers): no --load given", num)
         return LxmertForQuestionAnswering(scratch_config(config, num_qa_labels=num))
+    with reading_model(load):
+        return _load_qa_model(config, answers, load)
+
+
+def _load_qa_model(config: TrainConfig, answers: list[str], load: str) -> LxmertForQuestionAnswering:
+    num = len(answers)
     beside = read_answers(load)
     if beside == answers:
         model = LxmertForQuestionAnswering.from_pretrained(load, num_qa_labels=num)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from model import LxmertConfig, LxmertForPreTraining, LxmertTokenizer
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table
+from tasks.data.model_folder import reading_model
 from tasks.data.regions import RegionFeatures
 from tasks.engine.task import StepOutput
 from tasks.pretrain.corpus import PretrainCorpus, PretrainDataError, build_corpus
@@ -158,7 +159,8 @@ class PretrainTask:
         """From scratch (``config.model``) or from ``load`` (any checkpoint ``model.from_pretrained`` reads; the
         heads follow the enabled objectives and the answer table)."""
         if load:
-            model = LxmertForPreTraining.from_pretrained(load, **self._head_fields())
+            with reading_model(load):
+                model = LxmertForPreTraining.from_pretrained(load, **self._head_fields())
             log.info("pretraining from %s", load)
         else:
             model = LxmertForPreTraining(self.model_config())
