@@ -81,6 +81,14 @@ def load_pair_items(paths: Sequence[str | Path]) -> list[PairItem]:
             where = f"{where} (identifier {ident!r})"
             if not all(isinstance(entry[k], str) for k in ("identifier", "img0", "img1", "sent")):
                 raise DataFormatError(f"{where}: identifier, img0, img1 and sent must be strings")
+            if not entry["sent"].strip():
+                raise DataFormatError(
+                    f"{where}: the sentence (sent) is empty; give its text or drop the entry"
+                )
+            if not entry["img0"] or not entry["img1"]:
+                raise DataFormatError(f"{where}: img0 and img1 must name images (one is empty)")
+            if not ident:
+                raise DataFormatError(f"{where}: the identifier is empty")
             label = entry.get("label")
             if label is not None and (label not in (0, 1) or isinstance(label, bool)):
                 raise DataFormatError(

@@ -78,6 +78,7 @@ class QATask:
     the name, the submission format and the official metric."""
 
     name = "qa"
+    question_id_type: type | None = None  # what the official ids are: int (VQA), str (GQA)
 
     def __init__(self, config: TrainConfig, load: str | None = None) -> None:
         self.config = config
@@ -130,7 +131,7 @@ class QATask:
         """The questions of ``paths`` (read once per list of paths)."""
         key = tuple(map(str, paths))
         if key not in self._items:
-            self._items[key] = load_qa_items(paths)
+            self._items[key] = load_qa_items(paths, self.question_id_type, self.name)
         return self._items[key]
 
     def dataset(self, paths: Sequence[str | Path], split: str) -> QADataset:
