@@ -21,7 +21,7 @@ from typing import Any
 
 import lmdb
 
-from extract.records import StoreError
+from extract.records import StoreDamaged, StoreError
 
 __all__ = ["IDS_DB_NAME", "METADATA_KEY"]
 
@@ -115,6 +115,9 @@ def _open_env(path: Path, writable: bool, map_size: int) -> tuple[lmdb.Environme
             if txn.get(IDS_DB_B) is None:  # older layout: no index
                 return env, None
         return env, env.open_db(IDS_DB_B, create=False)
+    except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
+        env.close()
+        raise StoreDamaged.at(path, f"damaged LMDB pages opening the ids index ({exc})") from exc
     except lmdb.Error as exc:
         env.close()
         raise StoreError(f"{path}: cannot open the ids index of the store ({exc})") from exc

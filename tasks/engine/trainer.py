@@ -41,6 +41,7 @@ from common.cpu import tune_cpu_allocator
 from common.diskspace import as_disk_full
 from common.distributed import DistContext, resolve_device
 from tasks.config import TrainConfig
+from tasks.data.regions import BadRecordError
 from tasks.engine import checkpointing as ckpt
 from tasks.engine.batching import GlobalBatchSampler, micro_batching, to_device
 from tasks.engine.hooks import CheckpointHook, EvalHook, Hook, TrainLoop
@@ -82,26 +83,26 @@ def train(
     lock = hold_run_dir(run_dir, f"lxmert-train {task.name}", dist)  # one run per RUN_DIR at a time
     try:
         return _train(config, task, run_dir, load, resume, max_steps, model, dist, own_dist)
+    except BadRecordError as exc:  # a damaged or non-finite record, named with its image and store
+        raise TrainingStopped(f"{exc}; {how_to_go_on(run_dir, 'once the store is fixed')}") from None
     except (OSError, RuntimeError) as exc:  # a checkpoint, a log or the config meeting a full disk: one line
         full = as_disk_full(exc, run_dir, guess=False)
         if full is None:
             raise
-        raise TrainingStopped(f"{full}; {_how_to_go_on(run_dir)}") from exc
+        raise TrainingStopped(f"{full}; {how_to_go_on(run_dir, 'once there is room')}") from exc
     finally:
         if lock is not None:
             lock.release()
 
 
-def _how_to_go_on(run_dir: Path) -> str:
-    """Where a run stopped by a full disk continues from, once there is room again."""
+def how_to_go_on(run_dir: Path, when: str) -> str:
+    """Where a stopped run continues from ``when`` the cause is fixed: the newest checkpoint that exists (with
+    ``--resume``), or a new start when none was written."""
     steps = ckpt.list_step_dirs(run_dir / "checkpoints")
     if not steps:
-        return "no checkpoint was written yet: free some space and run the same command again"
+        return f"no checkpoint was written yet: run the same command again {when}"
     step, path = steps[0]
-    return (
-        f"the last complete checkpoint is {path} (step {step}): free some space and run the same command with "
-        "--resume to continue from it"
-    )
+    return f"the last checkpoint is {path} (step {step}): run the same command with --resume {when}"
 
 
 def _train(
@@ -340,8 +341,8 @@ def update(loop: TrainLoop, loss: torch.Tensor, parts: dict[str, torch.Tensor]) 
         if p.bad_in_row >= tc.max_bad_steps:
             raise TrainingStopped(
                 f"stopped at step {p.step + 1} (epoch {p.epoch + 1}): {p.bad_in_row} non-finite losses in a row "
-                f"(train.max_bad_steps={tc.max_bad_steps}); lower optim.lr, use train.amp=bf16 or none, "
-                f"or check the data; resume from {loop.run_dir / 'checkpoints' / 'latest'} after fixing it"
+                f"(train.max_bad_steps={tc.max_bad_steps}); the region features read were finite (every record "
+                f"is checked), so the training diverged: {_after_divergence(loop.run_dir)}"
             )
         if scaler.is_enabled():
             scaler.update()
@@ -358,6 +359,18 @@ def update(loop: TrainLoop, loss: torch.Tensor, parts: dict[str, torch.Tensor]) 
     else:
         epoch = p.epoch + p.step_in_epoch / loop.steps_per_epoch
         loop.log.train_step(p.step, epoch, lr, loss_value, dict(zip(names, part_values)), norm_value)
+
+
+def _after_divergence(run_dir: Path) -> str:
+    """What to do after too many non-finite losses (optim.lr defines the run: a lower one is a new run)."""
+    steps = ckpt.list_step_dirs(run_dir / "checkpoints")
+    if not steps:
+        return "no checkpoint was written yet; start again with train.amp=none (if it was fp16) or a lower optim.lr"
+    step, path = steps[0]
+    return (
+        f"run the same command with train.amp=none (if it was fp16) and --resume to continue from {path} (step "
+        f"{step}), or start a new run (another --output) with a lower optim.lr"
+    )
 
 
 def _device_type(device: str) -> str:

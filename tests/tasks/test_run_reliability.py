@@ -16,11 +16,12 @@ import pytest
 import torch
 from finetune_data import qa_setup
 from safetensors.torch import load_file
-from toy_task import ToyTask, toy_config
+from toy_task import ToyTask, toy_config, write_tiny_store
 
 from common import diskspace
 from common.config import save_config
 from common.lock import FolderLock
+from extract.store import FeatureStore
 from tasks.cli import main as cli_main
 from tasks.engine import TrainingStopped, checkpointing, train
 
@@ -212,3 +213,91 @@ def test_cli_full_disk_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
         if line.strip() and not line.startswith(("train:", "INFO"))  # the progress bar, the log
     ]
     assert len(err) == 1 and "disk full: cannot write" in err[0] and "no checkpoint was written yet" in err[0]
+
+
+# ------------------------------------------------------------------------------------------------ bad records
+def _damaged_toy(tmp_path, tiny_items, damage, **loop):
+    store = tmp_path / "store.lmdb"
+    write_tiny_store(store, n_images=8)
+    damage(store)
+    return toy_config(tmp_path, store, tiny_items[0], **loop)
+
+
+@pytest.mark.parametrize(
+    ("how", "workers", "message"),
+    [
+        # the damaged page holds img005 and its neighbours: the first of them read is named
+        ("page", 0, r"image '(img00\d)' cannot be used: .*store.lmdb: damaged LMDB pages reading image '\1'"),
+        ("page", 2, r"image '(img00\d)' cannot be used: .*store.lmdb: damaged LMDB pages reading image '\1'"),
+        ("bit", 2, r"image 'img003' cannot be used: .*store.lmdb: record 'img003': CRC32 mismatch"),
+    ],
+)
+def test_damaged_records_stop_training_naming_image_and_store(
+    tmp_path, tiny_items, store_damage, how, workers, message
+):
+    def damage(store):
+        if how == "page":
+            store_damage.break_page_of(store, "img005")
+        else:
+            store_damage.flip_feature_bit(store, "img003")
+
+    config = _damaged_toy(tmp_path, tiny_items, damage, data={"workers": workers})
+    with pytest.raises(TrainingStopped) as info:
+        train(config, ToyTask(config), tmp_path / "run")
+    msg = str(info.value)
+    assert re.search(message, msg) and "\n" not in msg and "Traceback" not in msg, msg
+    assert "lxmert-features verify" in msg and "no checkpoint was written yet" in msg
+
+
+def test_nan_features_are_named_not_blamed_on_the_learning_rate(tmp_path, tiny_items):
+    import numpy as np
+
+    from extract.store import FeatureWriter
+
+    store = tmp_path / "store.lmdb"
+    write_tiny_store(store, n_images=8)
+    with FeatureStore(store) as reader:
+        record = dict(reader["img006"])
+    record["features"] = record["features"].copy()
+    record["features"][0, 0] = np.nan
+    with FeatureWriter(store, {"source": "test", "file": "store.lmdb"}, overwrite=True) as writer:
+        writer.put("img006", record)  # written so by its extractor: the CRC matches
+    config = toy_config(tmp_path, store, tiny_items[0], save_every=2)
+    with pytest.raises(TrainingStopped) as info:
+        train(config, ToyTask(config), tmp_path / "run")
+    msg = str(info.value)
+    assert "image 'img006' cannot be used" in msg and "NaN or infinite values in features" in msg, msg
+    assert "optim.lr" not in msg and "latest" not in msg
+    named = re.search(r"the last checkpoint is (\S+) \(step \d+\)", msg)
+    assert named is None or Path(named.group(1)).is_dir()  # a checkpoint named exists
+
+
+def test_non_finite_losses_name_a_checkpoint_that_exists(tmp_path, tiny_store, tiny_items):
+    config = toy_config(tmp_path, tiny_store, tiny_items[0], epochs=1, max_bad_steps=2)
+    with pytest.raises(TrainingStopped) as info:
+        train(config, ToyTask(config, nan_at_calls={1, 2}), tmp_path / "first")
+    msg = str(info.value)
+    assert "no checkpoint was written yet" in msg and "latest" not in msg, msg
+    config = toy_config(tmp_path, tiny_store, tiny_items[0], epochs=1, max_bad_steps=2, save_every=2)
+    with pytest.raises(TrainingStopped) as info:
+        train(config, ToyTask(config, nan_at_calls={5, 6}), tmp_path / "second")
+    msg = str(info.value)
+    assert (
+        f"--resume to continue from {tmp_path / 'second' / 'checkpoints' / 'step_00000004'} (step 4)" in msg
+    )
+
+
+def test_cli_damaged_store_is_one_line_exit_1(tmp_path, capsys, store_damage):
+    cfg = qa_setup(tmp_path / "data", n_train=32, n_valid=8, workers=2)
+    cfg.train.epochs = 1
+    store_damage.break_page_of(Path(cfg.data.features[0]), "img0010")
+    config = str(save_config(cfg, tmp_path / "vqa.yaml"))
+    assert cli_main(["vqa", "--config", config, "--output", str(tmp_path / "run")]) == 1
+    err = [
+        line
+        for line in re.split(r"[\r\n]", capsys.readouterr().err)
+        if line.strip() and not line.startswith(("train:", "INFO", "\x1b"))
+    ]
+    assert (
+        len(err) == 1 and "image 'img0010' cannot be used" in err[0] and "lxmert-features verify" in err[0]
+    ), err
