@@ -145,8 +145,8 @@ class PretrainConfig:
     qa_weight: float = 1.0  # the paper: 2.0 in the QA stage
 
     RANGES: ClassVar[dict[str, str]] = {
-        "word_mask_rate": "[0, 1]",
-        "obj_mask_rate": "[0, 1]",
+        "word_mask_rate": "(0, 1]",
+        "obj_mask_rate": "(0, 1]",
         "qa_start_epoch": "[0, inf)",
         "qa_weight": "[0, inf)",
     }

@@ -39,14 +39,15 @@ __all__ = [
     "BadRecordError",
     "FeatureStats",
     "MissingImagesError",
+    "PER_STORE_KEYS",
     "RegionFeatures",
     "Regions",
     "collate_regions",
     "is_random_weights",
 ]
 
-# Extractor-settings keys that may differ between stores of one extraction (e.g. the TSV file each came from).
-_PER_STORE_KEYS = ("file",)
+#: Extractor-settings keys that may differ between stores of one extraction (e.g. the TSV file each came from).
+PER_STORE_KEYS = ("file",)
 
 
 class MissingImagesError(ValueError):
@@ -171,7 +172,7 @@ class RegionFeatures:
             1:
         ]:  # the stores' own settings check (weights name / layout not compared)
             a, b = first["extractor"] or {}, other["extractor"] or {}
-            keys = settings_diff(a, b, ignore=_PER_STORE_KEYS)
+            keys = settings_diff(a, b, ignore=PER_STORE_KEYS)
             if keys:
                 shown = ", ".join(f"{k}: {a.get(k, '<absent>')!r} vs {b.get(k, '<absent>')!r}" for k in keys)
                 differences.append(f"{other['path']} differs from {first['path']} in {shown}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from common.config import ConfigError, save_config
+from common.config import ConfigError, check_ranges, save_config
 from common.cpu import tune_cpu_allocator
 from common.diskspace import as_disk_full
 from common.distributed import DistContext, resolve_device
@@ -81,10 +82,14 @@ def train(
     own_dist = dist is None
     dist = dist or DistContext.from_env(_device_type(config.train.device))
     lock = hold_run_dir(run_dir, f"lxmert-train {task.name}", dist)  # one run per RUN_DIR at a time
+    stop = None
     try:
         return _train(config, task, run_dir, load, resume, max_steps, model, dist, own_dist)
     except BadRecordError as exc:  # a damaged or non-finite record, named with its image and store
-        raise TrainingStopped(f"{exc}; {how_to_go_on(run_dir, 'once the store is fixed')}") from None
+        stop = TrainingStopped(f"{exc}; {how_to_go_on(run_dir, 'once the store is fixed')}")
+        # the DataLoader re-raises it from a frame that holds it (a reference cycle): free the frames now, so the
+        # loader's workers are shut down here and not by a later garbage collection (where they wait 5 s each)
+        traceback.clear_frames(exc.__traceback__)
     except (OSError, RuntimeError) as exc:  # a checkpoint, a log or the config meeting a full disk: one line
         full = as_disk_full(exc, run_dir, guess=False)
         if full is None:
@@ -93,6 +98,8 @@ def train(
     finally:
         if lock is not None:
             lock.release()
+    # raised here, without the bad record's traceback: its frames (the DataLoader and its workers) go now
+    raise stop
 
 
 def how_to_go_on(run_dir: Path, when: str) -> str:
@@ -118,6 +125,7 @@ def _train(
 ) -> dict[str, Any]:
     tc, dc = config.train, config.data
     t_start = time.perf_counter()
+    check_ranges(config)  # a config built by hand gets the loader's range checks too
 
     # --- 1. processes, device, precision -------------------------------------------------------------
     if dist.is_main:
@@ -132,6 +140,8 @@ def _train(
 
     # --- 2. the model (fresh or from the checkpoint to resume) -------------------------------------------
     point = find_resume_point(config, run_dir, resume)
+    if point is not None and hasattr(task, "check_resume"):
+        task.check_resume(point.directory)  # e.g. features of another extractor than the run's: refused
     if point is not None and load is None:
         load = point.load
     if dist.is_main:

@@ -29,7 +29,12 @@ from model.checkpoint import build_from_state_dict, to_hf_state_dict
 from model.losses import masked_mean_cross_entropy
 from tasks.config import TrainConfig
 from tasks.data.jsonio import DataFormatError, read_json_list, read_text
-from tasks.data.model_folder import feature_extras, reading_model
+from tasks.data.model_folder import (
+    check_resume_extractor,
+    feature_extras,
+    loaded_extractor_record,
+    reading_model,
+)
 from tasks.data.regions import RegionFeatures, collate_regions
 from tasks.data.stores import keep_found_images, open_features
 from tasks.data.text import TextItemsDataset
@@ -194,6 +199,8 @@ class NLVR2Task:
     def __init__(self, config: TrainConfig, model_folder: str | None = None) -> None:
         self.config = config
         self.model_folder = model_folder
+        self._load: str | None = None  # the starting model of training, and its extractor.json
+        self._loaded_extractors: Any = None
         self._features: RegionFeatures | None = None
         self._items: dict[tuple[str, ...], list[PairItem]] = {}
 
@@ -233,7 +240,14 @@ class NLVR2Task:
     # -- the trainer's contract ---------------------------------------------------------------------------
     def build_model(self, load: str | None) -> nn.Module:
         self.model_folder = self.model_folder or load
-        return build_nlvr2_model(self.config, load)
+        model = build_nlvr2_model(self.config, load)
+        self._loaded_extractors = loaded_extractor_record(load, self.features) if load else None
+        self._load = load
+        return model
+
+    def check_resume(self, checkpoint: Path) -> None:
+        """Refuse to continue a run on features of another extractor than its checkpoint records."""
+        check_resume_extractor(checkpoint, self.features)
 
     def train_dataset(self) -> PairDataset:
         if not self.config.data.train:
@@ -301,7 +315,7 @@ class NLVR2Task:
         return metrics
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return feature_extras(self.features)
+        return feature_extras(self.features, self._loaded_extractors, self._load)
 
     # -- predictions (lxmert-train --eval-only) -------------------------------------------------------------
     prediction_file = "predictions.csv"

@@ -30,7 +30,13 @@ from model.losses import argmax_answer_cross_entropy, soft_score_bce
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table
 from tasks.data.jsonio import DataFormatError
-from tasks.data.model_folder import LABEL2ANS_FILE, feature_extras, read_answers
+from tasks.data.model_folder import (
+    LABEL2ANS_FILE,
+    check_resume_extractor,
+    feature_extras,
+    loaded_extractor_record,
+    read_answers,
+)
 from tasks.data.regions import RegionFeatures
 from tasks.data.stores import keep_found_images, open_features
 from tasks.engine.batching import to_device
@@ -87,6 +93,8 @@ class QATask:
         self._items: dict[tuple[str, ...], list[QAItem]] = {}
         self._official_docs: dict[str, Any] = {}  # raw official files, read once
         self.model_folder = load  # where label2ans.json may be found when data.answers is empty (evaluation)
+        self._load: str | None = None  # the starting model of training, and its extractor.json
+        self._loaded_extractors: Any = None
 
     # -- parts --------------------------------------------------------------------------------------------
     @property
@@ -148,7 +156,14 @@ class QATask:
     # -- the trainer's contract ---------------------------------------------------------------------------
     def build_model(self, load: str | None) -> nn.Module:
         self.model_folder = self.model_folder or load
-        return build_qa_model(self.config, self.answers, load)
+        model = build_qa_model(self.config, self.answers, load)
+        self._loaded_extractors = loaded_extractor_record(load, self.features) if load else None
+        self._load = load
+        return model
+
+    def check_resume(self, checkpoint: Path) -> None:
+        """Refuse to continue a run on features of another extractor than its checkpoint records."""
+        check_resume_extractor(checkpoint, self.features)
 
     def train_dataset(self) -> QADataset:
         if not self.config.data.train:
@@ -225,7 +240,8 @@ class QATask:
         return metrics
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {LABEL2ANS_FILE: list(self.answers), **feature_extras(self.features)}
+        extras = feature_extras(self.features, self._loaded_extractors, self._load)
+        return {LABEL2ANS_FILE: list(self.answers), **extras}
 
     # -- predictions (lxmert-train --eval-only) -------------------------------------------------------------
     prediction_file = "predictions.json"
