@@ -18,12 +18,20 @@ was expected.
 Supported field types: ``bool``, ``int``, ``float`` (an int is accepted), ``str``, ``Literal[...]`` (the
 allowed values; :func:`field_choices` gives them to argparse), ``X | None``, ``list[X]``,
 ``dict[str, X]`` and nested dataclasses.
+
+Ranges: a config dataclass declares the interval of each numeric key beside its fields, as a class variable
+``RANGES: ClassVar[dict[str, str]] = {"lr": "[0, inf)", "warmup": "[0, 1]", ...}`` (``[`` / ``]`` closed,
+``(`` / ``)`` open, ``inf`` / ``-inf`` unbounded). The loader refuses a value outside its interval, and NaN for
+every float key, naming the key, where it came from, the interval and the value (:func:`check_ranges` does
+the same for a config built by hand). ``None`` (an optional key left unset) is not checked.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -37,6 +45,7 @@ __all__ = [
     "ConfigError",
     "apply_overrides",
     "check_choices",
+    "check_ranges",
     "config_from_dict",
     "config_to_dict",
     "field_choices",
@@ -170,8 +179,12 @@ def config_from_dict(cls: type[T], data: dict[str, Any], where: str = "<dict>", 
             f" (known keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)})"
         )
     kwargs = {name: _convert(value, hints[name], prefix + name, where) for name, value in data.items()}
+    for name, value in kwargs.items():
+        _check_range(cls, name, value, prefix + name, where)
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as e:  # a __post_init__ check
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
 
@@ -203,8 +216,11 @@ def _set_dotted(data: dict[str, Any], cls: type, dotted: str, value: Any, where:
                 f"{where}: unknown key {dotted} (known keys under {prefix or 'the top level'}: {', '.join(fields)})"
             )
         if i == len(parts) - 1:
-            if fields is not None:  # refuse a wrong type here, where the message can name the override
-                _convert(value, _hints(node_cls)[part], dotted, where)
+            if (
+                fields is not None
+            ):  # a wrong type or range is refused here, where the message names the override
+                converted = _convert(value, _hints(node_cls)[part], dotted, where)
+                _check_range(node_cls, part, converted, dotted, where)
             node[part] = value
             return
         child_tp = _without_none(_hints(node_cls)[part]) if fields is not None else None
@@ -311,3 +327,60 @@ def check_choices(cfg: Any) -> None:
                 f"{cls.__name__}.{name} must be one of {', '.join(repr(a) for a in allowed)}, "
                 f"got {getattr(cfg, name)!r}"
             )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ranges of numeric keys
+# --------------------------------------------------------------------------------------------------------------
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])$")
+
+
+def _interval(cls: type, name: str) -> tuple[str, float, bool, float, bool] | None:
+    """``(spec, low, low_closed, high, high_closed)`` of ``cls.RANGES[name]``, or None when it declares none.
+    A malformed interval is a programming error (TypeError)."""
+    spec = getattr(cls, "RANGES", {}).get(name)
+    if spec is None:
+        return None
+    m = _INTERVAL.match(spec.strip())
+    try:
+        low, high = float(m.group(2)), float(m.group(3))  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        raise TypeError(
+            f"{cls.__name__}.RANGES[{name!r}] = {spec!r} is not an interval such as '[0, 1)' or '(0, inf)'"
+        ) from None
+    return spec.strip(), low, m.group(1) == "[", high, m.group(4) == "]"  # type: ignore[union-attr]
+
+
+def _check_range(cls: type, name: str, value: Any, key: str, where: str) -> None:
+    """ConfigError when the number ``value`` of field ``name`` of ``cls`` is NaN or outside its interval."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    head = f"{where}: {key}" if where else key
+    if isinstance(value, float) and math.isnan(value):
+        raise ConfigError(f"{head}: must be a number, got nan")
+    bounds = _interval(cls, name)
+    if bounds is None:
+        return
+    spec, low, low_closed, high, high_closed = bounds
+    above = value >= low if low_closed else value > low
+    below = value <= high if high_closed else value < high
+    if not (above and below):
+        raise ConfigError(f"{head}: must be in {spec}, got {value!r}")
+
+
+def check_ranges(
+    cfg: Any, prefix: str = "", where: str = "", *, key_name: Any = None, recurse: bool = True
+) -> None:
+    """Refuse a config (a dataclass instance, e.g. built by hand) with a numeric key outside its declared interval
+    (``RANGES``) or a NaN float: :class:`ConfigError` naming the key. ``key_name``: how a field is named in the
+    message (e.g. as a command-line flag), default ``prefix + name``; ``recurse``: check nested sections too."""
+    cls = type(cfg)
+    for name in getattr(cls, "RANGES", {}):
+        if name not in _fields(cls):
+            raise TypeError(f"{cls.__name__}.RANGES names {name!r}, but {cls.__name__} has no field {name}")
+    for name in _fields(cls):
+        value = getattr(cfg, name)
+        if recurse and dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_ranges(value, f"{prefix}{name}.", where, key_name=key_name)
+            continue
+        _check_range(cls, name, value, key_name(name) if key_name else prefix + name, where)

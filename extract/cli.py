@@ -7,8 +7,9 @@ Examples::
     torchrun --nproc_per_node 4 -m extract.cli images/ features.lmdb --weights faster_rcnn_from_caffe_attr.pkl
 
 Run the same command again after an interruption: it resumes. Exit codes: 0 done (failed images are listed
-in ``OUT.failures.jsonl``), 1 some images failed and ``--strict`` was given, 2 refused before any work (bad
-arguments, weights, store or settings), 130 interrupted.
+in ``OUT.failures.jsonl``), 1 not everything was extracted: some images failed and ``--strict`` was given, or the
+disk filled up (one line names the store and the free space; run again once there is room), 2 refused before any
+work (bad arguments, weights, store or settings), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from typing import Any
 
 from common.config import field_choices, field_default
+from common.diskspace import DiskFullError
 from extract.config import ExtractConfig, default_batch_size
 from extract.runner import ExtractionInterrupted, SetupError, collect_images, run_extraction
 from extract.selection import BoxSelection
@@ -259,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     except SetupError as e:
         print(f"extract-features: refused: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except DiskFullError as e:
+        print(
+            f"extract-features: {e}; the records written so far are kept: free some space and run the same "
+            "command again to resume",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURES
     except KeyboardInterrupt as e:
         if rank0 and isinstance(e, ExtractionInterrupted):
             print(e.summary.format(bold=bold), flush=True)

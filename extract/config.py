@@ -11,11 +11,11 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from common.config import check_choices
+from common.config import check_choices, check_ranges
 from common.hub import is_hub_id
 from extract.image_list import IdFrom
 from extract.records import FeaturesDtype
@@ -80,16 +80,22 @@ class ExtractConfig:
     progress: bool = True
     writer_queue: int = 64
 
+    #: The interval of each numeric setting (checked with the flag's name; the box selection checks its own).
+    RANGES: ClassVar[dict[str, str]] = {
+        "seed": "[0, inf)",
+        "min_size": "[1, inf)",
+        "max_size": "[1, inf)",
+        "max_pixels": "[1, inf)",
+        "workers": "[0, inf)",
+        "batch_size": "[1, inf)",
+        "writer_queue": "[1, inf)",
+    }
+
     def __post_init__(self) -> None:
         check_choices(self)  # amp, features_dtype, id_from
         if self.batch_size is None:
             self.batch_size = default_batch_size(self.device)
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}")
-        if self.min_size < 1 or self.max_size < 1:
-            raise ValueError(f"--min-size/--max-size must be >= 1, got {self.min_size}/{self.max_size}")
+        check_ranges(self, key_name=lambda name: "--" + name.replace("_", "-"), recurse=False)
         if len(self.opts) % 2:
             raise ValueError(f"--opts takes KEY VALUE pairs, got an odd number of items: {self.opts}")
         self.out = str(self.out).rstrip("/\\") or str(self.out)

@@ -1,4 +1,11 @@
-"""The images of a run: folders walked or list files read, each file given its image id (the store key)."""
+r"""The images of a run: folders walked or list files read, each file given its image id (the store key).
+
+File names are bytes on Linux and need not be UTF-8 (``printf 'caf\xe9'`` in Latin-1). Python hands such a name
+over with its undecodable bytes as lone surrogates, which open the file but cannot be stored, printed or written
+to JSON; the image id (and every path shown or logged) writes each of those bytes as the four characters
+``\xNN`` instead (:func:`printable`): the file ``caf\xe9.jpg`` gets the id ``caf\xe9`` (backslash, ``x``, ``e``,
+``9``), which is also how ``lxmert-features`` lists such a key.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ __all__ = [
     "assign_ids",
     "check_unique_ids",
     "collect_images",
+    "display_path",
     "find_images",
+    "printable",
     "read_image_list",
 ]
 
@@ -36,6 +45,17 @@ class SetupError(Exception):
 
 class DuplicateIdError(SetupError):
     """Two or more files map to one image id."""
+
+
+def printable(text: str) -> str:
+    r"""``text`` with each undecodable byte of a file name (a lone surrogate) written as ``\xNN``: valid UTF-8,
+    printable and JSON-safe; unchanged for any proper text."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as shown in messages, logs and ``failures.jsonl`` (see :func:`printable`)."""
+    return printable(os.fspath(path))
 
 
 @dataclass(frozen=True)
@@ -67,8 +87,8 @@ def read_image_list(list_file: str | os.PathLike, base_dir: str | os.PathLike | 
     whatever their extension; a missing file becomes a failure of the run, not an error here.
     """
     list_file = Path(list_file)
-    try:
-        text = list_file.read_text(encoding="utf-8")
+    try:  # undecodable bytes kept (as file names keep them), so every listed file can be opened
+        text = list_file.read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as e:
         raise SetupError(f"cannot read the image list {list_file}: {e}") from None
     base = Path(base_dir) if base_dir is not None else list_file.parent
@@ -83,6 +103,10 @@ def read_image_list(list_file: str | os.PathLike, base_dir: str | os.PathLike | 
 
 
 def _image_id(path: Path, root: Path | None, id_from: IdFrom) -> str:
+    return printable(_raw_id(path, root, id_from))
+
+
+def _raw_id(path: Path, root: Path | None, id_from: IdFrom) -> str:
     if id_from == "stem":
         return path.stem
     if id_from == "relpath":
@@ -94,7 +118,8 @@ def _image_id(path: Path, root: Path | None, id_from: IdFrom) -> str:
             rel = Path("..")
         if rel.parts and rel.parts[0] == "..":
             raise SetupError(
-                f"{path} is outside {root}; --id-from relpath needs every image inside that folder"
+                f"{display_path(path)} is outside {display_path(root)}; --id-from relpath needs every image "
+                "inside that folder"
             )
         return rel.with_suffix("").as_posix()
     raise SetupError(f"unknown --id-from {id_from!r}; choose one of {', '.join(ID_MODES)}")
@@ -112,7 +137,7 @@ def check_unique_ids(items: Iterable[ImageItem], hint: str = "") -> None:
         by_id.setdefault(it.img_id, []).append(it.path)
     dups = {k: v for k, v in by_id.items() if len(v) > 1}
     if dups:
-        lines = [f"  {k!r}: {', '.join(v)}" for k, v in sorted(dups.items())[:10]]
+        lines = [f"  {k!r}: {', '.join(map(display_path, v))}" for k, v in sorted(dups.items())[:10]]
         more = f"\n  ... and {len(dups) - 10} more" if len(dups) > 10 else ""
         raise DuplicateIdError(
             f"{len(dups)} image id(s) map to more than one file; rename them or choose other ids{hint}:\n"

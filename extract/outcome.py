@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.files import write_text_atomic
+from extract.image_list import display_path, printable
 
 __all__ = ["ExtractSummary", "Failure", "failures_path", "write_failures"]
 
@@ -22,7 +23,8 @@ class Failure:
     reason: str
 
     def to_json(self) -> str:
-        return json.dumps({"path": self.path, "id": self.img_id, "reason": self.reason}, ensure_ascii=False)
+        fields = {"path": self.path, "id": self.img_id, "reason": self.reason}
+        return json.dumps({k: printable(v) for k, v in fields.items()}, ensure_ascii=False)
 
 
 def failures_path(out: str | os.PathLike) -> Path:
@@ -82,7 +84,7 @@ class ExtractSummary:
         if self.failures:
             lines.append(f"  failures listed in {failures_path(self.out)}:")
             for fail in sorted(self.failures, key=lambda x: x.img_id)[:10]:
-                lines.append(f"    {fail.img_id} ({fail.path}): {fail.reason}")
+                lines.append(f"    {fail.img_id} ({display_path(fail.path)}): {printable(fail.reason)}")
             if self.failed > 10:
                 lines.append(f"    ... and {self.failed - 10} more")
         if self.interrupted:

@@ -45,6 +45,7 @@ __all__ = [
     "FeaturesDtype",
     "FieldSpec",
     "Record",
+    "StoreDamaged",
     "StoreError",
     "StoreSettingsMismatch",
     "check_features_dtype",
@@ -52,6 +53,7 @@ __all__ = [
     "encode_record",
     "header_info",
     "normalize_boxes",
+    "verify_advice",
 ]
 
 SCHEMA_VERSION: int = 1
@@ -110,6 +112,28 @@ class Record(TypedDict):
 
 class StoreError(Exception):
     """A store or a record is unusable; the message names the store path and/or the image id."""
+
+
+def verify_advice(path: object) -> str:
+    """What to do about a damaged store: list the damage, then rebuild what it names."""
+    return (
+        f"run `lxmert-features verify {path}` to list the damaged records, then extract (or import) them again "
+        "into a new store"
+    )
+
+
+class StoreDamaged(StoreError):
+    """A store whose LMDB pages or records are damaged (a failing disk, a bad copy). Built with
+    :meth:`at`: the message names the store, what is damaged (``reason``, which names the image when known) and
+    says to run ``lxmert-features verify``."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason or message
+
+    @classmethod
+    def at(cls, path: object, reason: str) -> StoreDamaged:
+        return cls(f"{path}: {reason}; {verify_advice(path)}", reason)
 
 
 class StoreSettingsMismatch(StoreError):

@@ -15,6 +15,8 @@ Data flow for one process (one torchrun rank)::
   so a run killed at any point is finished by running the same command again.
 - Bad input never stops the run: an image that cannot be decoded, or that makes the detector fail, is listed
   in ``OUT.failures.jsonl`` (path, id, reason; rewritten atomically at the end of every complete run).
+- A full disk stops it with :class:`common.diskspace.DiskFullError` (the store and the free space); the records
+  committed before are kept, so the same command resumes once there is room.
 - Settings that change the features (weights sha256, box selection, image sizes, ...) are recorded in the
   store's metadata; an existing store written with other settings is refused (:class:`SetupError`): the
   settings known before the detector is built are checked first, the weights' sha256 (hashed once, while
@@ -40,6 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.cpu import cpu_autocast_warning, tune_cpu_allocator
+from common.diskspace import DiskFullError, as_disk_full
 from common.distributed import DeviceError, DistContext, resolve_device
 from extract.config import AMP_DTYPES, ExtractConfig, extractor_settings
 from extract.detector import build_vg_detector, get_detector_cfg
@@ -213,6 +216,8 @@ def _open_writer(config: ExtractConfig, settings: dict, dist_ctx: DistContext) -
             )
         except StoreSettingsMismatch as e:
             error = str(e)
+        except DiskFullError as e:
+            error = e
         except StoreError as e:
             error = f"cannot write to {config.out}: {e}"
         except OSError as e:
@@ -227,6 +232,8 @@ def _open_writer(config: ExtractConfig, settings: dict, dist_ctx: DistContext) -
     if errors:
         if writer is not None:
             writer.close()
+        if isinstance(errors[0], DiskFullError):
+            raise errors[0]
         raise SetupError(errors[0])
     return writer
 
@@ -255,6 +262,7 @@ def run_extraction(
 
     Raises:
         SetupError: refused before any work (weights, store, settings).
+        DiskFullError: the disk holding the store is full (what was committed is kept: run again to resume).
         ExtractionInterrupted: (a KeyboardInterrupt) after the committed records are flushed and the store
             closed; its ``summary`` counts what was done.
     """
@@ -282,7 +290,13 @@ def run_extraction(
         settings = extractor_settings(config, *_weights_identity(config, report))
         dist_ctx.barrier()  # every rank has checked the store before rank 0 may create it
         writer = _open_writer(config, settings, dist_ctx)
-        return _run(config, items, detector, writer, device, dist_ctx, settings)
+        try:
+            return _run(config, items, detector, writer, device, dist_ctx, settings)
+        except (OSError, RuntimeError) as exc:  # the store, or the failures file beside it: a full disk?
+            full = as_disk_full(exc, config.out, guess=False)
+            if full is None:
+                raise
+            raise full from exc
     finally:
         if own_dist:
             dist_ctx.close()

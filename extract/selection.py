@@ -27,10 +27,12 @@ from __future__ import annotations
 import re
 import typing
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torchvision.ops import box_iou
+
+from common.config import check_ranges
 
 #: ``--selection`` choices: the box selection rules (see the module docstring).
 SelectionRule = Literal["caffe", "maxnms"]
@@ -50,18 +52,22 @@ class BoxSelection:
     conf_thresh: float = 0.2
     nms_thresh: float = 0.3
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "min_boxes": "[1, inf)",
+        "max_boxes": "[1, inf)",
+        "conf_thresh": "[0, 1]",
+        "nms_thresh": "(0, 1]",
+    }
+
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"unknown box selection rule {self.rule!r}; choose one of {', '.join(RULES)}")
-        if not (1 <= self.min_boxes <= self.max_boxes):
+        check_ranges(self)
+        if self.min_boxes > self.max_boxes:
             raise ValueError(
                 f"box counts must satisfy 1 <= min_boxes <= max_boxes, got min_boxes={self.min_boxes}, "
                 f"max_boxes={self.max_boxes} (e.g. --boxes 36 or --boxes 10-100)"
             )
-        if not (0.0 <= self.conf_thresh <= 1.0):
-            raise ValueError(f"conf_thresh must lie in [0, 1], got {self.conf_thresh}")
-        if not (0.0 < self.nms_thresh <= 1.0):
-            raise ValueError(f"nms_thresh must lie in (0, 1], got {self.nms_thresh}")
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (stored in a feature store's metadata)."""

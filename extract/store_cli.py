@@ -7,7 +7,8 @@
     lxmert-features merge OUT IN [IN ...] [--overwrite] [--force]
 
 Exit status: 0 on success, 1 when ``verify`` finds bad records, 2 on any error (bad path, mismatched
-settings, malformed TSV line with ``--strict``).
+settings, malformed TSV line with ``--strict``, a full disk: one line; the same command resumes once there is
+room).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from common.diskspace import as_disk_full
 from extract.store import (
     FeatureStore,
     StoreError,
@@ -160,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (StoreError, OSError) as exc:
+        full = as_disk_full(exc, getattr(args, "out", None) or ".") if isinstance(exc, OSError) else None
+        if full is not None:
+            skipped = " (records already in the store are skipped)" if args.command != "export-h5" else ""
+            print(
+                f"error: {full}; what was written before is kept: free some space and run the same command "
+                f"again{skipped}",
+                file=sys.stderr,
+            )
+            return 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

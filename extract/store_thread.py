@@ -6,6 +6,7 @@ import queue
 import threading
 from typing import Any
 
+from common.diskspace import DiskFullError
 from extract.outcome import Failure
 from extract.store import FeatureWriter, StoreError, StoreSettingsMismatch
 
@@ -74,5 +75,7 @@ class StoreWriterThread(threading.Thread):
         self._check()
 
     def _check(self) -> None:
+        if isinstance(self.error, DiskFullError):
+            raise self.error
         if self.error is not None:
             raise RuntimeError(f"writing to the feature store failed: {self.error}") from self.error

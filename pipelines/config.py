@@ -8,7 +8,7 @@ The demo's environment knobs map onto keys (:data:`ENVIRONMENT`): ``WEIGHTS`` ->
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 __all__ = [
     "ENVIRONMENT",
@@ -44,6 +44,16 @@ class DemoConfig:
     vqa_overrides: list[str] = field(default_factory=list)
     check_margin: float = 5.0  # points above the better baseline the model must reach (<0: no check)
     draw_examples: int = 6
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "train_images": "[1, inf)",
+        "test_images": "[1, inf)",
+        "min_size": "[1, inf)",
+        "max_size": "[1, inf)",
+        "extract_batch_size": "[1, inf)",
+        "check_margin": "(-inf, inf)",
+        "draw_examples": "[0, inf)",
+    }
 
 
 @dataclass
@@ -94,6 +104,7 @@ class RealConfig:
     weights: str = ""  # detector weights (any of the three published layouts, or a Hub id)
     detector_config: str = "vg_r101_c4"
     extract_batch_size: int = 0  # 0: extract-features' default
+    RANGES: ClassVar[dict[str, str]] = {"extract_batch_size": "[0, inf)"}
     image_sets: list[ImageSet] = field(default_factory=list)
     pretrain: bool = True
     pretrain_config: str = "tasks/configs/pretrain_lxmert.yaml"
@@ -116,6 +127,13 @@ class LaunchConfig:
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29533
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "gpus_per_node": "[0, inf)",
+        "nnodes": "[1, inf)",
+        "node_rank": "[0, inf)",
+        "master_port": "[1, 65535]",
+    }
 
 
 @dataclass

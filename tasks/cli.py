@@ -5,8 +5,10 @@
     torchrun --nproc_per_node 4 --no-python lxmert-train pretrain --config CONFIG.yaml --output RUN_DIR
 
 The config file fills :class:`tasks.config.TrainConfig`; ``KEY=VALUE`` overrides any key (the value read as
-YAML: ``optim.lr=1e-4 data.features=[coco.lmdb,vg.lmdb]``). Config errors print one line and exit 2; a run
-that has to stop (non-finite losses, no usable checkpoint, bad input data) prints why and exits 1.
+YAML: ``optim.lr=1e-4 data.features=[coco.lmdb,vg.lmdb]``). Exit status: 0 trained (or, with ``--resume``, the
+run had already finished: nothing to do); 2 refused before any work, one line (a config error or a value out of
+its range, RUN_DIR in use by another run); 1 a run that has to stop (non-finite losses, no usable checkpoint, bad
+input data or a damaged record, a full disk) prints why in one line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import sys
 
 from common.config import ConfigError, field_choices, field_default, load_config
+from common.lock import FolderLocked
 from tasks.config import TrainConfig, TrainLoopConfig
 from tasks.engine.checkpointing import CheckpointError, find_resume_checkpoint, load_trainer_state
 from tasks.engine.trainer import TrainingStopped, train
@@ -113,6 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps is not None and args.max_steps < 1:
         print("lxmert-train: error: --max-steps must be >= 1", file=sys.stderr)
         return 2
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        print(
+            f"lxmert-train: error: --output {args.output} is a file; give a run directory (a new one, or the "
+            "run to continue with --resume)",
+            file=sys.stderr,
+        )
+        return 2
     if args.task not in TASKS:
         print(
             f"lxmert-train: error: the task {args.task!r} is not available in this install", file=sys.stderr
@@ -130,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         load = starting_load(args)
         task = build_task(config, load)
         summary = train(config, task, args.output, load=load, resume=args.resume, max_steps=args.max_steps)
-    except ConfigError as err:
+    except (ConfigError, FolderLocked) as err:
         print(f"lxmert-train: error: {err}", file=sys.stderr)
         return 2
     except (TrainingStopped, CheckpointError, ValueError, FileNotFoundError) as err:
@@ -180,11 +190,19 @@ def _setup_logging() -> None:
 
 
 def _summary_text(task: str, summary: dict) -> str:
+    if summary.get("nothing_to_do"):
+        how = "finished" if summary["completed"] else "stopped (--max-steps)"
+        return (
+            f"lxmert-train {task}: already {how} at step {summary['step']}/{summary['t_total']} "
+            f"({summary['epochs_done']} epochs); nothing to do\n  model: {summary['final']}"
+            + (f"\n  best:  {summary['best']}" if summary["best"] else "")
+        )
     valid = ", ".join(f"{k} {v:.4f}" for k, v in summary["valid"].items() if isinstance(v, (int, float)))
+    loss = summary["train_loss"]
     return (
         f"lxmert-train {task}: {'done' if summary['completed'] else 'stopped'} at step {summary['step']}"
         f"/{summary['t_total']} ({summary['epochs_done']} epochs) in {summary['seconds']:.0f} s; last train loss "
-        f"{summary['train_loss']:.4f}" + (f"; valid: {valid}" if valid else "")
+        + (f"{loss:.4f}" if loss is not None else "-") + (f"; valid: {valid}" if valid else "")
         + (f"; {summary['bad_steps']} steps skipped (non-finite loss)" if summary["bad_steps"] else "")
         + _dropped_text(summary.get("dropped_items") or {})
         + f"\n  model: {summary['final']}" + (f"\n  best:  {summary['best']}" if summary["best"] else "")

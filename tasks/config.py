@@ -2,13 +2,14 @@
 
 ``lxmert-train TASK --config FILE.yaml [KEY=VALUE ...]`` fills :class:`TrainConfig` through
 :func:`common.config.load_config`; every default lives here and nowhere else. ``RUN_DIR/config.yaml`` is
-the resolved config of a run.
+the resolved config of a run. Each section's ``RANGES`` gives the interval of its numeric keys (checked by the
+loader, which also refuses NaN: see :mod:`common.config`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from common.config import field_default
 from model.config import LxmertConfig
@@ -36,6 +37,14 @@ class DataConfig:
     # Pretraining / demo: a subset for quick runs (0 = all)
     limit: int = 0
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "batch_size": "[1, inf)",
+        "eval_batch_size": "[1, inf)",
+        "max_seq_length": "[3, inf)",  # [CLS], one word piece, [SEP]
+        "workers": "[0, inf)",
+        "limit": "[0, inf)",
+    }
+
 
 @dataclass
 class ModelConfig:
@@ -53,6 +62,19 @@ class ModelConfig:
     hidden_dropout_prob: float = field_default(LxmertConfig, "hidden_dropout_prob")
     attention_probs_dropout_prob: float = field_default(LxmertConfig, "attention_probs_dropout_prob")
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "hidden_size": "[1, inf)",
+        "num_attention_heads": "[1, inf)",
+        "intermediate_size": "[1, inf)",
+        "l_layers": "[0, inf)",
+        "r_layers": "[0, inf)",
+        "x_layers": "[0, inf)",
+        "visual_feat_dim": "[1, inf)",
+        "visual_pos_dim": "[1, inf)",
+        "hidden_dropout_prob": "[0, 1)",
+        "attention_probs_dropout_prob": "[0, 1)",
+    }
+
 
 @dataclass
 class OptimConfig:
@@ -67,6 +89,16 @@ class OptimConfig:
     clip_grad_norm: float = 1.0  # <= 0: no clipping
     # torch's fused kernel (CPU / CUDA) for bert_adam and adamw; false: bert_adam as multi-tensor foreach ops
     fused: bool = True
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "lr": "[0, inf)",
+        "warmup": "[0, 1]",
+        "weight_decay": "[0, inf)",
+        "beta1": "[0, 1)",
+        "beta2": "[0, 1)",
+        "eps": "(0, inf)",
+        "clip_grad_norm": "(-inf, inf)",  # <= 0: no clipping
+    }
 
 
 @dataclass
@@ -87,6 +119,17 @@ class TrainLoopConfig:
     # allowed; false is a little faster when every parameter gets a gradient in every step
     find_unused_parameters: bool = True
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "epochs": "[1, inf)",
+        "seed": "[0, inf)",
+        "grad_accumulation": "[0, inf)",
+        "micro_batch_size": "[0, inf)",
+        "save_every": "[0, inf)",
+        "keep": "[1, inf)",
+        "log_every": "[1, inf)",
+        "max_bad_steps": "[1, inf)",
+    }
+
 
 @dataclass
 class PretrainConfig:
@@ -104,6 +147,13 @@ class PretrainConfig:
     visual_losses_masked_only: bool = False  # the original weights obj/attr CE over ALL regions
     qa_start_epoch: int = 0  # the paper: 10 (no QA in the first 10 epochs); the released code: 0
     qa_weight: float = 1.0  # the paper: 2.0 in the QA stage
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "word_mask_rate": "(0, 1]",
+        "obj_mask_rate": "(0, 1]",
+        "qa_start_epoch": "[0, inf)",
+        "qa_weight": "[0, inf)",
+    }
 
 
 @dataclass

@@ -38,11 +38,13 @@ from extract.records import (
     SCHEMA_VERSION,
     FeaturesDtype,
     Record,
+    StoreDamaged,
     StoreError,
     StoreSettingsMismatch,
     decode_record,
     encode_record,
     normalize_boxes,
+    verify_advice,
 )
 from extract.store.env import IDS_DB_NAME, METADATA_KEY
 from extract.store.meta import check_compatible, settings_diff
@@ -59,8 +61,10 @@ __all__ = [
     "Record",
     "METADATA_KEY",
     "IDS_DB_NAME",
+    "StoreDamaged",
     "StoreError",
     "StoreSettingsMismatch",
+    "verify_advice",
     "check_compatible",
     "settings_diff",
     "encode_record",

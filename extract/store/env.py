@@ -21,7 +21,7 @@ from typing import Any
 
 import lmdb
 
-from extract.records import StoreError
+from extract.records import StoreDamaged, StoreError
 
 __all__ = ["IDS_DB_NAME", "METADATA_KEY"]
 
@@ -38,10 +38,18 @@ MAX_RETRIES = 64
 
 
 def key_of(img_id: str) -> bytes:
-    """The LMDB key of an image id (UTF-8); TypeError for anything but a str."""
+    """The LMDB key of an image id (UTF-8); TypeError for anything but a str, :class:`StoreError` for a str that
+    is not valid text (a file name's undecodable bytes: see :func:`extract.image_list.printable`)."""
     if not isinstance(img_id, str):
         raise TypeError(f"image ids are str, got {type(img_id).__name__} {img_id!r}")
-    return img_id.encode("utf-8")
+    try:
+        return img_id.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = img_id.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise StoreError(
+            f"image id {shown!r} is not valid text (undecodable bytes of a file name); give it as text, e.g. with "
+            "each such byte written as \\xNN as extract-features does"
+        ) from None
 
 
 def check_store_dir(path: Path, *, must_exist: bool) -> None:
@@ -107,6 +115,9 @@ def _open_env(path: Path, writable: bool, map_size: int) -> tuple[lmdb.Environme
             if txn.get(IDS_DB_B) is None:  # older layout: no index
                 return env, None
         return env, env.open_db(IDS_DB_B, create=False)
+    except (lmdb.CorruptedError, lmdb.PageNotFoundError) as exc:
+        env.close()
+        raise StoreDamaged.at(path, f"damaged LMDB pages opening the ids index ({exc})") from exc
     except lmdb.Error as exc:
         env.close()
         raise StoreError(f"{path}: cannot open the ids index of the store ({exc})") from exc

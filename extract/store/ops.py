@@ -12,10 +12,10 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from extract.records import FIELDS, StoreError, decode_record
+from extract.records import FIELDS, StoreDamaged, StoreError, decode_record
 from extract.store.env import DATA_FILE, LOCK_FILE, count_ids, read_txn
 from extract.store.meta import check_compatible
-from extract.store.reader import FeatureStore, open_metadata
+from extract.store.reader import FeatureStore, damage_named, open_metadata
 from extract.store.writer import FeatureWriter
 
 __all__ = ["VerifyReport", "export_h5", "merge_stores", "store_size_bytes", "verify_store"]
@@ -60,17 +60,30 @@ def _record_problems(rec: dict, meta: dict, tol: float = 0.5) -> list[str]:
 def verify_store(path: str | os.PathLike, progress: bool = False) -> VerifyReport:
     """Decode every record (CRC checked), check shapes, finite values, boxes inside the image.
 
-    Store-level problems (metadata count or ids index disagreeing with the records) are reported with the
-    id ``"<metadata>"``. Raises :class:`StoreError` only when the store cannot be opened at all.
+    Store-level problems (metadata count or ids index disagreeing with the records) are reported with the id
+    ``"<metadata>"``; damaged LMDB pages as damage (``"<metadata>"``, ``"<index>"`` or the image id), never as an
+    exception. Raises :class:`StoreError` only when the path is not a feature store at all.
     """
-    store = FeatureStore(path)
     report = VerifyReport(path=str(path))
     try:
-        meta = store.metadata
-        total = len(store)
+        store = FeatureStore(path)
+    except StoreDamaged as exc:  # the ids index itself cannot be opened
+        report.bad.append(("<index>", exc.reason))
+        return report
+    try:
+        try:
+            meta = store.metadata
+        except StoreDamaged as exc:
+            report.bad.append(("<metadata>", exc.reason))
+            meta = {}
         entry = store._entry()
-        with read_txn(entry) as txn:
-            records = count_ids(txn, None)
+        try:
+            total = len(store)
+            with damage_named(store.path, "the records"), read_txn(entry) as txn:
+                records = count_ids(txn, None)
+        except StoreDamaged as exc:
+            report.bad.append(("<index>", exc.reason))
+            total = records = None
         if entry.ids_db is None:
             report.bad.append(
                 ("<metadata>", "no ids index; open the store once with a FeatureWriter to build it")
@@ -79,30 +92,42 @@ def verify_store(path: str | os.PathLike, progress: bool = False) -> VerifyRepor
             report.bad.append(
                 ("<metadata>", f"ids index lists {total} ids but the store holds {records} records")
             )
-        bar = _progress(total, progress, "verify")
-        for img_id in store:
-            report.checked += 1
-            bar.update(1)
-            blob = store.get_raw(img_id)
-            if blob is None:
-                report.bad.append((img_id, "listed in the ids index but has no record"))
-                continue
-            try:
-                rec = decode_record(blob, img_id, check_crc=True)
-            except StoreError as exc:
-                report.bad.append((img_id, str(exc)))
-                continue
-            problems = _record_problems(rec, meta)
-            if problems:
-                report.bad.append((img_id, "; ".join(problems)))
+        bar = _progress(total or 0, progress, "verify")
+        try:
+            for img_id in store:
+                report.checked += 1
+                bar.update(1)
+                problem = _check_one(store, img_id, meta)
+                if problem is not None:
+                    report.bad.append((img_id, problem))
+        except StoreDamaged as exc:  # the listing itself broke off: what follows is unknown
+            report.bad.append(
+                ("<index>", f"{exc.reason}; ids after the {report.checked} listed were not checked")
+            )
         bar.close()
-        if meta.get("count") != report.checked:
+        if meta and meta.get("count") != report.checked:
             report.bad.append(
                 ("<metadata>", f"metadata count {meta.get('count')} != {report.checked} records")
             )
     finally:
         store.close()
     return report
+
+
+def _check_one(store: FeatureStore, img_id: str, meta: dict) -> str | None:
+    """What is wrong with one record (damaged page, bad blob, CRC, shapes, values), or None."""
+    try:
+        blob = store.get_raw(img_id)
+    except StoreDamaged as exc:
+        return exc.reason
+    if blob is None:
+        return "listed in the ids index but has no record (damaged LMDB pages?)"
+    try:
+        rec = decode_record(blob, img_id, check_crc=True)
+    except StoreError as exc:
+        return str(exc)
+    problems = _record_problems(rec, meta)
+    return "; ".join(problems) if problems else None
 
 
 def _progress(total: int, enabled: bool, desc: str) -> tqdm:

@@ -9,8 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
+import numpy as np
 
-from extract.records import Record, decode_record, normalize_boxes
+from extract.records import (
+    Record,
+    StoreDamaged,
+    StoreError,
+    decode_record,
+    normalize_boxes,
+)
 from extract.store.env import (
     ENVS,
     META_KEY_B,
@@ -27,7 +34,29 @@ from extract.store.env import (
 )
 from extract.store.meta import parse_metadata
 
-__all__ = ["FeatureStore", "open_metadata"]
+__all__ = ["FeatureStore", "damage_named", "open_metadata"]
+
+
+@contextlib.contextmanager
+def damage_named(path: Path, what: str) -> Iterator[None]:
+    """LMDB's errors about its own pages while reading ``what`` (MDB_CORRUPTED, MDB_PAGE_NOTFOUND, ...) as
+    :class:`StoreDamaged` naming the store, ``what`` and the ``verify`` advice."""
+    try:
+        yield
+    except lmdb.Error as exc:
+        raise StoreDamaged.at(path, f"damaged LMDB pages reading {what} ({exc})") from exc
+
+
+def _metadata(entry: SharedEnv, path: Path) -> dict:
+    """The metadata; its record missing from a store that has the ids index is damage, not another kind of file."""
+    with damage_named(path, "the store metadata"), read_txn(entry) as txn:
+        raw = txn.get(META_KEY_B)
+    if raw is None and entry.ids_db is not None:
+        raise StoreDamaged.at(
+            path,
+            "the store's metadata record is missing although its ids index is there (damaged LMDB pages)",
+        )
+    return parse_metadata(raw, path)
 
 
 def open_metadata(path: str | os.PathLike) -> dict:
@@ -35,10 +64,13 @@ def open_metadata(path: str | os.PathLike) -> dict:
     path = Path(path)
     entry = acquire_env(path, writable=False, register=True)
     try:
-        with read_txn(entry) as txn:
-            return parse_metadata(txn.get(META_KEY_B), path)
+        return _metadata(entry, path)
     finally:
         release_env(path)
+
+
+#: Arrays whose values must be finite in a record read with ``check=True``.
+_FINITE = ("features", "boxes", "obj_conf", "attr_conf")
 
 
 class FeatureStore:
@@ -55,14 +87,23 @@ class FeatureStore:
     sub-database, so ``len``, ``in`` and iteration never page in the records.
 
     Records are dicts of numpy arrays (:class:`~extract.records.Record`); with ``normalize_boxes=True`` the boxes are
-    divided by ``[img_w, img_h, img_w, img_h]`` and clipped to [0, 1].
+    divided by ``[img_w, img_h, img_w, img_h]`` and clipped to [0, 1]. With ``check=True`` every record read is
+    checked: its CRC32 (flipped bits in the arrays) and finite features, boxes and confidences (about 0.1 ms for
+    a 36 x 2048 record); a bad one raises :class:`~extract.records.StoreDamaged` naming the image and the store.
+    Damaged LMDB pages raise it too, whatever the access.
     """
 
     def __init__(
-        self, path: str | os.PathLike, normalize_boxes: bool = False, *, remap_every_bytes: int = 8 << 20
+        self,
+        path: str | os.PathLike,
+        normalize_boxes: bool = False,
+        *,
+        remap_every_bytes: int = 8 << 20,
+        check: bool = False,
     ):
         self.path = Path(path)
         self.normalize_boxes = normalize_boxes
+        self.check = check
         self.remap_every_bytes = remap_every_bytes
         self._key = os.path.realpath(self.path)
         self._registered_pid: int | None = None
@@ -103,15 +144,14 @@ class FeatureStore:
     def metadata(self) -> dict:
         """The store metadata (schema_version, features_dtype, feature_dim, count, extractor, ...)."""
         if self._metadata is None:
-            with self._begin() as txn:
-                self._metadata = parse_metadata(txn.get(META_KEY_B), self.path)
+            self._metadata = _metadata(self._entry(), self.path)
         return dict(self._metadata)
 
     def _raw(self, img_id: str) -> bytes | None:
         key = key_of(img_id)
         if key in RESERVED_KEYS:
             return None
-        with self._begin() as txn:
+        with damage_named(self.path, f"image {img_id!r}"), self._begin() as txn:
             blob = txn.get(key)
         if blob is not None:
             self._count_read(len(blob))
@@ -120,8 +160,26 @@ class FeatureStore:
     def __getitem__(self, img_id: str) -> Record:
         blob = self._raw(img_id)
         if blob is None:
+            if img_id in self:  # listed, yet no record: its page lost the key
+                raise StoreDamaged.at(
+                    self.path,
+                    f"image {img_id!r} is listed in the ids index but its record is missing (damaged LMDB pages)",
+                )
             raise KeyError(f"image id {img_id!r} is not in the feature store {self.path}")
-        record = decode_record(blob, img_id)
+        try:
+            record = decode_record(blob, img_id, check_crc=self.check)
+        except StoreDamaged:
+            raise
+        except StoreError as exc:
+            raise StoreDamaged.at(self.path, str(exc)) from None
+        if self.check:
+            bad = [name for name in _FINITE if not np.isfinite(record[name]).all()]
+            if bad:
+                raise StoreDamaged.at(
+                    self.path,
+                    f"record {img_id!r} holds NaN or infinite values in {', '.join(bad)} (written so by its "
+                    "extractor, or damaged)",
+                )
         if self.normalize_boxes:
             record["boxes"] = normalize_boxes(record["boxes"], record["img_h"], record["img_w"])
         return record
@@ -140,17 +198,18 @@ class FeatureStore:
         if not isinstance(img_id, str) or key_of(img_id) in RESERVED_KEYS:
             return False
         entry = self._entry()
-        with read_txn(entry) as txn:
+        with damage_named(self.path, "the ids index"), read_txn(entry) as txn:
             return has_id(txn, entry.ids_db, key_of(img_id))
 
     def __len__(self) -> int:
         entry = self._entry()
-        with read_txn(entry) as txn:
+        with damage_named(self.path, "the ids index"), read_txn(entry) as txn:
             return count_ids(txn, entry.ids_db)
 
     def __iter__(self) -> Iterator[str]:
         """Image ids in sorted (UTF-8 byte) order, read in chunks so no transaction stays open."""
-        return iter_keys(self._begin, lambda: self._entry().ids_db)
+        with damage_named(self.path, "the ids index"):
+            yield from iter_keys(self._begin, lambda: self._entry().ids_db)
 
     def ids(self) -> list[str]:
         return list(self)

@@ -11,6 +11,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
+from common.diskspace import as_disk_full
 from extract.records import FeaturesDtype, StoreError, check_features_dtype, encode_record, header_info
 from extract.store.env import (
     IDS_DB_NAME,
@@ -50,7 +51,8 @@ class FeatureWriter:
     * ``commit_every``: records per transaction; ``map_size``: initial LMDB map size in bytes (grown by
       doubling whenever it is full).
 
-    Each transaction is atomic: a record is either fully written or absent. Several processes may write
+    Each transaction is atomic: a record is either fully written or absent; a transaction that meets a full disk
+    raises :class:`common.diskspace.DiskFullError` (naming the store and the free space) and writes nothing. Several processes may write
     into one store concurrently (e.g. one per torchrun rank): LMDB's writer lock serialises their
     transactions, a full map is grown and the transaction retried, and a map grown by another process is
     adopted. Use as a context manager or call :meth:`close` (flushes and updates the metadata count).
@@ -130,6 +132,14 @@ class FeatureWriter:
                 self._grow()
             except lmdb.MapResizedError:
                 self._set_mapsize(0)
+            except (
+                lmdb.Error,
+                OSError,
+            ) as exc:  # a full disk says so in one line (the transaction is not written)
+                full = as_disk_full(exc, self.path)
+                if full is None:
+                    raise
+                raise full from exc
         raise StoreError(f"{self.path}: transaction failed {MAX_RETRIES} times (map full / resized)")
 
     def _init_metadata(self) -> None:
@@ -313,9 +323,13 @@ class FeatureWriter:
         try:  # keep the complete records written before the failure; never mask the original error
             self.close()
         except Exception as close_exc:  # noqa: BLE001
-            log.error(
-                "%s: could not flush pending records after %s: %s", self.path, exc_type.__name__, close_exc
-            )
+            if as_disk_full(close_exc, self.path) is None:  # a full disk: the error being raised says so
+                log.error(
+                    "%s: could not flush pending records after %s: %s",
+                    self.path,
+                    exc_type.__name__,
+                    close_exc,
+                )
             if not self._closed:
                 self._closed = True
                 release_env(self.path)

@@ -8,13 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from model import LxmertForQuestionAnswering
 from tasks.answer.results import AnswerSetupError, ExtractorCheck
 from tasks.data.answer_table import load_answer_table
 from tasks.data.jsonio import DataFormatError
-from tasks.data.model_folder import LABEL2ANS_FILE, WEIGHTS_NAME, read_extractor_record, read_feature_stats
+from tasks.data.model_folder import (
+    LABEL2ANS_FILE,
+    WEIGHTS_NAME,
+    ModelLoadError,
+    read_extractor_record,
+    read_feature_stats,
+    reading_model,
+)
 from tasks.data.regions import FeatureStats
 
 
@@ -45,8 +52,8 @@ def check_model_path(model_path: Any, folder: Path | None) -> None:
     try:
         with safe_open(str(weights), framework="pt") as f:  # the header only: no tensor is read
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if "logit_fc" in k}
-    except (OSError, ValueError, RuntimeError):
-        return  # unreadable: the model loader names the problem
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return  # unreadable (truncated, empty, not safetensors): the model loader names the problem
     out = next((shape for key, shape in shapes.items() if key.endswith("logit_fc.3.weight")), None)
     first = next((shape for key, shape in shapes.items() if key.endswith("logit_fc.0.weight")), None)
     if out is None:
@@ -105,9 +112,10 @@ def refuse_if(strict: bool, model_path: Any, check: ExtractorCheck) -> None:
 
 def load_qa_model(model_path: Any, device: torch.device) -> LxmertForQuestionAnswering:
     try:
-        model = LxmertForQuestionAnswering.from_pretrained(model_path, map_location="cpu")
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise AnswerSetupError(f"cannot load the model {model_path}: {e}") from None
+        with reading_model(model_path):
+            model = LxmertForQuestionAnswering.from_pretrained(model_path, map_location="cpu")
+    except ModelLoadError as e:
+        raise AnswerSetupError(str(e)) from None
     report = model.load_report
     head = [k for k in (report.missing if report else []) if k.startswith("answer_head.")]
     head += [k for k, *_ in (report.mismatched if report else []) if k.startswith("answer_head.")]

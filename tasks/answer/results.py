@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.data.model_folder import EXTRACTOR_FILE
+from tasks.data.model_folder import EXTRACTOR_FILE, FROM_LOAD
 
 __all__ = [
     "Answer",
@@ -127,6 +127,9 @@ def compare_extractor(
             "--boxes 36 --min-size 600 --max-size 1000 with faster_rcnn_from_caffe_attr.pkl)"
         )
     records = recorded if isinstance(recorded, list) else [recorded]
+    # entries marked from_load are the model's history (the features of the model it was fine-tuned from): the
+    # model expects the features it was last trained on
+    records = [r for r in records if not (isinstance(r, dict) and FROM_LOAD in r)]
     diffs: list[str] = []
     notes: list[str] = []
     for rec in records:

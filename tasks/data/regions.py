@@ -6,6 +6,9 @@ through the stores' id index (no record is read). Records are read one at a time
 each worker opens the LMDB environments itself (:class:`extract.store.FeatureStore` re-opens per process), so
 memory stays flat in the number of images.
 
+Every record read is checked (its CRC32, finite features / boxes / confidences): a damaged or non-finite one
+raises :class:`BadRecordError` naming the image and the store, with the ``lxmert-features verify`` advice.
+
 What a task gets per image (:class:`Regions`): ``features`` ``(n, D)`` float32 (optionally standardised per
 dimension with the train images' mean / std, :class:`FeatureStats`), ``boxes`` ``(n, 4)`` x1, y1, x2, y2 divided
 by img_w / img_h (so in [0, 1]), the detector's object / attribute ids and confidences. ``n`` is usually 36 but
@@ -33,20 +36,34 @@ from extract.store import FeatureStore, StoreError, settings_diff
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BadRecordError",
     "FeatureStats",
     "MissingImagesError",
+    "PER_STORE_KEYS",
     "RegionFeatures",
     "Regions",
     "collate_regions",
     "is_random_weights",
 ]
 
-# Extractor-settings keys that may differ between stores of one extraction (e.g. the TSV file each came from).
-_PER_STORE_KEYS = ("file",)
+#: Extractor-settings keys that may differ between stores of one extraction (e.g. the TSV file each came from).
+PER_STORE_KEYS = ("file",)
 
 
 class MissingImagesError(ValueError):
     """Items refer to images that are in none of the feature stores."""
+
+
+class BadRecordError(ValueError):
+    """A record that cannot be used (damaged LMDB pages, a CRC mismatch, NaN or infinite values): one line naming
+    the image, the store and what to do. Raised in a DataLoader worker, it reaches the main process re-created
+    by torch with the worker's traceback as its text; that text is cut back to the original line here."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            last = message.rstrip().rsplit("\n", 1)[-1]  # "tasks.data.regions.BadRecordError: <message>"
+            message = last.split(f"{type(self).__name__}: ", 1)[-1]
+        super().__init__(message)
 
 
 @dataclass
@@ -135,11 +152,14 @@ class RegionFeatures:
         self.zero_visual = zero_visual
         self._stores: list[FeatureStore] = []
         for path in self.paths:
-            try:
-                self._stores.append(FeatureStore(path, normalize_boxes=True))
+            try:  # check=True: every record read is checked (CRC32, finite values) and named when bad
+                self._stores.append(FeatureStore(path, normalize_boxes=True, check=True))
             except (StoreError, OSError) as err:
                 raise ValueError(f"data.features: {path} cannot be opened as a feature store: {err}") from err
-        self.extractors = [self._describe_store(store) for store in self._stores]
+        try:
+            self.extractors = [self._describe_store(store) for store in self._stores]
+        except StoreError as err:  # damaged metadata
+            raise ValueError(f"data.features: {err}") from err
         dims = {e["path"]: e["feature_dim"] for e in self.extractors if e["feature_dim"] is not None}
         if len(set(dims.values())) > 1:
             raise ValueError(
@@ -152,7 +172,7 @@ class RegionFeatures:
             1:
         ]:  # the stores' own settings check (weights name / layout not compared)
             a, b = first["extractor"] or {}, other["extractor"] or {}
-            keys = settings_diff(a, b, ignore=_PER_STORE_KEYS)
+            keys = settings_diff(a, b, ignore=PER_STORE_KEYS)
             if keys:
                 shown = ", ".join(f"{k}: {a.get(k, '<absent>')!r} vs {b.get(k, '<absent>')!r}" for k in keys)
                 differences.append(f"{other['path']} differs from {first['path']} in {shown}")
@@ -268,7 +288,11 @@ class RegionFeatures:
                     f"image id {img_id!r} is in none of the feature stores {[str(p) for p in self.paths]}"
                 )
             index = self._where[img_id]
-        record = self._stores[index][img_id]
+        try:
+            record = self._stores[index][img_id]
+        except (StoreError, KeyError) as err:  # damaged pages or record: name it, once, in one line
+            text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise BadRecordError(f"image {img_id!r} cannot be used: {text}") from None
         features = record["features"].astype(np.float32, copy=False)
         boxes = record["boxes"].astype(np.float32, copy=False)
         if self.stats is not None:

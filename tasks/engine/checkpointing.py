@@ -8,7 +8,8 @@ A checkpoint is one directory ``RUN_DIR/checkpoints/step_NNNNNNNN/``::
     manifest.json                    size and sha256 of every file above (written last)
 
 It is written into a temporary directory that is renamed into place once complete, so a crash never leaves
-a half-written ``step_*`` directory. ``checkpoints/latest`` is a relative symbolic link to the newest one
+a half-written ``step_*`` directory; a write that fails removes it (a full disk raises
+:class:`common.diskspace.DiskFullError`, the previous checkpoints stay as they were). ``checkpoints/latest`` is a relative symbolic link to the newest one
 (replaced atomically; a copy where the file system has no links). On resume the manifest is checked; a
 damaged or missing checkpoint is reported and the previous one is used. ``trainer_state.pt`` holds only
 tensors, numbers, strings, lists and dicts, so it is read back with ``torch.load(weights_only=True)``.
@@ -16,12 +17,14 @@ tensors, numbers, strings, lists and dicts, so it is read back with ``torch.load
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from common.diskspace import DiskFullError, as_disk_full, free_bytes
 from common.state_dict import file_sha256
 from tasks.data.model_folder import WEIGHTS_NAME, write_model_files
 
@@ -43,11 +47,13 @@ __all__ = [
     "get_rng_state",
     "load_model_weights",
     "load_trainer_state",
+    "remove_leftovers",
     "save_checkpoint",
     "save_model_dir",
     "set_rng_state",
     "step_dir_name",
     "verify_checkpoint",
+    "verify_model_dir",
 ]
 
 STATE_NAME = "trainer_state.pt"
@@ -104,15 +110,34 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _writing(tmp: Path, final: Path) -> Iterator[None]:
+    """Write into ``tmp`` (created empty) on the way to ``final``: on any failure ``tmp`` is removed, and a full
+    disk raises :class:`common.diskspace.DiskFullError` naming ``final`` and the space free once ``tmp`` is
+    gone."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield
+    except Exception as exc:
+        full = as_disk_full(exc, tmp)  # measured before the partial files are removed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full is None:
+            raise
+        raise DiskFullError(final, free_bytes(final.parent)) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model_dir(directory: str | os.PathLike, model: nn.Module, extras: dict[str, Any]) -> Path:
     """A model-only directory (``RUN_DIR/final``, ``RUN_DIR/best``): weights, config, extras, manifest; atomic."""
     directory = Path(directory)
     tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write_model_files(tmp, model, extras)
-    _write_manifest(tmp, None)
-    _replace_dir(tmp, directory)
+    with _writing(tmp, directory):
+        write_model_files(tmp, model, extras)
+        _write_manifest(tmp, None)
+        _replace_dir(tmp, directory)
     return directory
 
 
@@ -155,14 +180,13 @@ def save_checkpoint(
     checkpoints.mkdir(parents=True, exist_ok=True)
     name = step_dir_name(step)
     tmp = checkpoints / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_model_files(tmp, model, extras)
-    torch.save(trainer_state, tmp / STATE_NAME)
-    _write_manifest(tmp, step)
     final = checkpoints / name
-    _replace_dir(tmp, final)
-    _point_latest(checkpoints, name)
+    with _writing(tmp, final):
+        write_model_files(tmp, model, extras)
+        torch.save(trainer_state, tmp / STATE_NAME)
+        _write_manifest(tmp, step)
+        _replace_dir(tmp, final)
+        _point_latest(checkpoints, name)
     for _, old in list_step_dirs(checkpoints)[max(keep, 1) :]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in checkpoints.glob(".tmp-*"):  # from a run killed while writing
@@ -171,11 +195,44 @@ def save_checkpoint(
     return final
 
 
+def remove_leftovers(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries a run killed while writing left in ``run_dir`` and ``run_dir/checkpoints``
+    (``.tmp-*`` folders and links, ``.old-*`` folders); returns what was removed. Call it only while holding the
+    run directory (no other writer)."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for path in sorted([*folder.glob(".tmp-*"), *folder.glob(".old-*")]):
+            if path.is_symlink() or path.is_file():
+                path.unlink(missing_ok=True)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        logger.info(
+            "removed %d leftover temporary folder(s) of an interrupted run: %s", len(removed), removed
+        )
+    return removed
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------
 def verify_checkpoint(directory: Path) -> str | None:
-    """None when every file in the manifest is present with its size and sha256; else what is wrong."""
+    """None when every file in the manifest is present with its size and sha256 and the trainer state is among
+    them; else what is wrong."""
+    problem = verify_model_dir(directory)
+    if problem is None and not (directory / STATE_NAME).is_file():
+        return f"{directory}: no {STATE_NAME} (a model-only directory, not a training checkpoint)"
+    return problem
+
+
+def verify_model_dir(directory: Path) -> str | None:
+    """None when every file in ``directory``'s manifest is present with its size and sha256; else what is wrong
+    (a model folder such as ``final/`` or a checkpoint)."""
+    if not directory.is_dir():
+        return f"{directory}: missing"
     manifest_path = directory / MANIFEST_NAME
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
@@ -191,8 +248,6 @@ def verify_checkpoint(directory: Path) -> str | None:
             return f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or overwritten)"
         if file_sha256(path) != entry["sha256"]:
             return f"{path}: sha256 differs from the manifest (corrupted)"
-    if STATE_NAME not in files:
-        return f"{directory}: no {STATE_NAME} (a model-only directory, not a training checkpoint)"
     return None
 
 

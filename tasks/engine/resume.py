@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from common.config import ConfigError, config_to_dict, load_config
+from common.distributed import DistContext
+from common.lock import FolderLock, FolderLocked
 from tasks.engine import checkpointing as ckpt
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ __all__ = [
     "ResumePoint",
     "check_same_run",
     "find_resume_point",
+    "hold_run_dir",
     "seed_everything",
 ]
 
@@ -107,6 +110,23 @@ def find_resume_point(config: Any, run_dir: Path, resume: bool) -> ResumePoint |
     point = ResumePoint(directory, ckpt.load_trainer_state(directory))
     logger.info("resuming from %s (step %d)", directory, point.state["step"])
     return point
+
+
+def hold_run_dir(run_dir: Path, what: str, dist: DistContext) -> FolderLock | None:
+    """Rank 0 takes ``RUN_DIR/.lock`` (:class:`common.lock.FolderLock`; a lock left by a killed run is taken over
+    with a warning); every rank raises :class:`common.lock.FolderLocked`, naming the holder, when another run
+    holds it. Returns rank 0's lock (None on the other ranks): release it when the run ends."""
+    lock, error = None, None
+    if dist.is_main:
+        lock = FolderLock(run_dir, what)
+        try:
+            lock.acquire()
+        except FolderLocked as e:
+            lock, error = None, str(e)
+    errors = dist.all_gather(error)
+    if errors[0] is not None:
+        raise FolderLocked(errors[0])
+    return lock
 
 
 def seed_everything(seed: int) -> None:

@@ -61,6 +61,9 @@ class Task(Protocol):
         (unwrapped) model in eval mode."""
         ...
 
+    # Optional: ``check_resume(checkpoint: Path) -> None``, called before a run continues from ``checkpoint``; raises
+    # ``common.config.ConfigError`` when the task's data does not fit the run (e.g. features of another extractor).
+
     def checkpoint_extras(self) -> dict[str, Any]:
         """JSON-serialisable files saved beside every model (e.g. ``{"label2ans.json": [...],
         "extractor.json": {...}}``)."""

@@ -14,6 +14,9 @@ nccl on CUDA) with the same command. What it does, in order:
    (:mod:`tasks.engine.hooks`): validation at each epoch end with ``RUN_DIR/best``, checkpoints;
 6. ``RUN_DIR/final``, ``curves.png`` and a summary.
 
+One run per RUN_DIR at a time: rank 0 holds ``RUN_DIR/.lock`` (:func:`tasks.engine.resume.hold_run_dir`) for the
+whole run and first removes what a run killed while writing left behind.
+
 RUN_DIR: ``config.yaml``, ``metrics.jsonl``, ``tb/``, ``curves.png``, ``checkpoints/step_NNNNNNNN/``,
 ``checkpoints/latest``, ``best/``, ``final/`` (see :mod:`tasks.engine.checkpointing`).
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -33,16 +37,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from common.config import ConfigError, save_config
+from common.config import ConfigError, check_ranges, save_config
 from common.cpu import tune_cpu_allocator
+from common.diskspace import as_disk_full
 from common.distributed import DistContext, resolve_device
 from tasks.config import TrainConfig
+from tasks.data.regions import BadRecordError
 from tasks.engine import checkpointing as ckpt
 from tasks.engine.batching import GlobalBatchSampler, micro_batching, to_device
 from tasks.engine.hooks import CheckpointHook, EvalHook, Hook, TrainLoop
 from tasks.engine.optim import build_optimizer
 from tasks.engine.precision import autocast, resolve_amp, set_tf32
-from tasks.engine.resume import Progress, find_resume_point, seed_everything
+from tasks.engine.resume import Progress, ResumePoint, find_resume_point, hold_run_dir, seed_everything
 from tasks.engine.runlog import RunLog, plot_curves
 from tasks.engine.task import Task
 
@@ -73,12 +79,57 @@ def train(
     that many optimizer steps in all (a checkpoint is saved there); ``model`` / ``dist``: injected parts.
     """
     run_dir = Path(run_dir)
+    own_dist = dist is None
+    dist = dist or DistContext.from_env(_device_type(config.train.device))
+    lock = hold_run_dir(run_dir, f"lxmert-train {task.name}", dist)  # one run per RUN_DIR at a time
+    stop = None
+    try:
+        return _train(config, task, run_dir, load, resume, max_steps, model, dist, own_dist)
+    except BadRecordError as exc:  # a damaged or non-finite record, named with its image and store
+        stop = TrainingStopped(f"{exc}; {how_to_go_on(run_dir, 'once the store is fixed')}")
+        # the DataLoader re-raises it from a frame that holds it (a reference cycle): free the frames now, so the
+        # loader's workers are shut down here and not by a later garbage collection (where they wait 5 s each)
+        traceback.clear_frames(exc.__traceback__)
+    except (OSError, RuntimeError) as exc:  # a checkpoint, a log or the config meeting a full disk: one line
+        full = as_disk_full(exc, run_dir, guess=False)
+        if full is None:
+            raise
+        raise TrainingStopped(f"{full}; {how_to_go_on(run_dir, 'once there is room')}") from exc
+    finally:
+        if lock is not None:
+            lock.release()
+    # raised here, without the bad record's traceback: its frames (the DataLoader and its workers) go now
+    raise stop
+
+
+def how_to_go_on(run_dir: Path, when: str) -> str:
+    """Where a stopped run continues from ``when`` the cause is fixed: the newest checkpoint that exists (with
+    ``--resume``), or a new start when none was written."""
+    steps = ckpt.list_step_dirs(run_dir / "checkpoints")
+    if not steps:
+        return f"no checkpoint was written yet: run the same command again {when}"
+    step, path = steps[0]
+    return f"the last checkpoint is {path} (step {step}): run the same command with --resume {when}"
+
+
+def _train(
+    config: TrainConfig,
+    task: Task,
+    run_dir: Path,
+    load: str | None,
+    resume: bool,
+    max_steps: int | None,
+    model: nn.Module | None,
+    dist: DistContext,
+    own_dist: bool,
+) -> dict[str, Any]:
     tc, dc = config.train, config.data
     t_start = time.perf_counter()
+    check_ranges(config)  # a config built by hand gets the loader's range checks too
 
     # --- 1. processes, device, precision -------------------------------------------------------------
-    own_dist = dist is None
-    dist = dist or DistContext.from_env(_device_type(tc.device))
+    if dist.is_main:
+        ckpt.remove_leftovers(run_dir)  # temporaries of a run killed while writing (we hold RUN_DIR now)
     device = resolve_device(tc.device or None, dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -90,6 +141,8 @@ def train(
 
     # --- 2. the model (fresh or from the checkpoint to resume) -------------------------------------------
     point = find_resume_point(config, run_dir, resume)
+    if point is not None and hasattr(task, "check_resume"):
+        task.check_resume(point.directory)  # e.g. features of another extractor than the run's: refused
     if point is not None and load is None:
         load = point.load
     if dist.is_main:
@@ -109,6 +162,9 @@ def train(
             "lower data.batch_size or add data"
         )
     t_total = steps_per_epoch * tc.epochs
+    stop_at = t_total if max_steps is None else min(t_total, max_steps)
+    if point is not None and point.state["step"] >= stop_at:  # a finished run resumed: nothing left to do
+        return _nothing_to_do(task, run_dir, model, point, t_total, dist, own_dist, t_start)
     cuda = device.type == "cuda"
     loader_kwargs = dict(
         collate_fn=task.collate, num_workers=dc.workers, pin_memory=cuda, persistent_workers=False
@@ -133,7 +189,6 @@ def train(
     log = RunLog(
         run_dir, dist.is_main, t_total, progress.step, dc.batch_size, tc.log_every, point is not None
     )
-    stop_at = t_total if max_steps is None else min(t_total, max_steps)
     loop = TrainLoop(
         config, task, run_dir, model, net, optimizer, schedule, scaler, dist, device,
         autocast(device, amp_dtype), log, progress, steps_per_epoch, stop_at, load, loader_kwargs,
@@ -149,32 +204,34 @@ def train(
 
     # --- 5. the loop ---------------------------------------------------------------------------------------
     p = progress
-    while p.epoch < tc.epochs and p.step < stop_at:
-        train_set.set_epoch(p.epoch)
-        sampler = GlobalBatchSampler(
-            len(train_set), dc.batch_size, micro, accum, dist.rank, dist.world_size, tc.seed, p.epoch,
-            p.step_in_epoch,
-        )  # fmt: skip
-        # own generator: creating the iterator must not draw from the global RNG (exact resume)
-        loader = DataLoader(
-            train_set, batch_size=micro, sampler=sampler, generator=torch.Generator().manual_seed(p.epoch),
-            **loader_kwargs,
-        )  # fmt: skip
-        batches = iter(loader)
-        net.train()
-        while p.step_in_epoch < steps_per_epoch and p.step < stop_at:
-            loss, parts = forward_backward(loop, batches, accum)
-            update(loop, loss, parts)
-            for hook in hooks:
-                hook.after_step(loop)
-        del batches, loader
-        if p.step_in_epoch == steps_per_epoch:
-            p.epoch, p.step_in_epoch = p.epoch + 1, 0
+    try:
+        while p.epoch < tc.epochs and p.step < stop_at:
+            train_set.set_epoch(p.epoch)
+            sampler = GlobalBatchSampler(
+                len(train_set), dc.batch_size, micro, accum, dist.rank, dist.world_size, tc.seed, p.epoch,
+                p.step_in_epoch,
+            )  # fmt: skip
+            # own generator: creating the iterator must not draw from the global RNG (exact resume)
+            loader = DataLoader(
+                train_set, batch_size=micro, sampler=sampler, generator=torch.Generator().manual_seed(p.epoch),
+                **loader_kwargs,
+            )  # fmt: skip
+            batches = iter(loader)
+            net.train()
+            while p.step_in_epoch < steps_per_epoch and p.step < stop_at:
+                loss, parts = forward_backward(loop, batches, accum)
+                update(loop, loss, parts)
+                for hook in hooks:
+                    hook.after_step(loop)
+            del batches, loader
+            if p.step_in_epoch == steps_per_epoch:
+                p.epoch, p.step_in_epoch = p.epoch + 1, 0
 
-    # --- 6. the end ----------------------------------------------------------------------------------------
-    if dist.is_main:
-        ckpt.save_model_dir(run_dir / "final", model, task.checkpoint_extras())
-    log.close()
+        # --- 6. the end ------------------------------------------------------------------------------------
+        if dist.is_main:
+            ckpt.save_model_dir(run_dir / "final", model, task.checkpoint_extras())
+    finally:  # also when the run stops: the progress bar ends its line before any message
+        log.close()
     if dist.is_main:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     summary = {
@@ -192,6 +249,48 @@ def train(
         ),  # split -> items whose image is in no store
         "final": str(run_dir / "final"),
         "best": str(run_dir / "best") if p.best_score is not None else None,
+        "seconds": time.perf_counter() - t_start,
+    }
+    dist.barrier()
+    if own_dist:
+        dist.close()
+    return summary
+
+
+def _nothing_to_do(
+    task: Task,
+    run_dir: Path,
+    model: nn.Module,
+    point: ResumePoint,
+    t_total: int,
+    dist: DistContext,
+    own_dist: bool,
+    t_start: float,
+) -> dict[str, Any]:
+    """``--resume`` of a run whose last checkpoint is at (or past) the step it stops at: no step is taken, the logs
+    are left as they are; ``final/`` is written from the checkpoint only when it is missing or damaged (a run
+    killed while writing it). The summary says ``nothing_to_do``."""
+    state = point.state
+    final = run_dir / "final"
+    if dist.is_main:
+        problem = ckpt.verify_model_dir(final)
+        if problem is not None:
+            logger.info("%s: %s; written again from %s", final, problem, point.directory)
+            ckpt.save_model_dir(final, model, task.checkpoint_extras())
+    best = state.get("best_score")
+    summary = {
+        "task": task.name,
+        "step": state["step"],
+        "t_total": t_total,
+        "epochs_done": state["epoch"],
+        "completed": state["step"] >= t_total,
+        "nothing_to_do": True,
+        "train_loss": None,
+        "valid": {},
+        "best_score": best,
+        "bad_steps": state.get("bad_steps_total", 0),
+        "final": str(final),
+        "best": str(run_dir / "best") if best is not None and (run_dir / "best").is_dir() else None,
         "seconds": time.perf_counter() - t_start,
     }
     dist.barrier()
@@ -254,11 +353,10 @@ def update(loop: TrainLoop, loss: torch.Tensor, parts: dict[str, torch.Tensor]) 
             p.step + 1, "loss" if bad_ranks > 0 else "gradient norm", p.bad_in_row, p.bad_total,
         )  # fmt: skip
         if p.bad_in_row >= tc.max_bad_steps:
-            loop.log.close()
             raise TrainingStopped(
                 f"stopped at step {p.step + 1} (epoch {p.epoch + 1}): {p.bad_in_row} non-finite losses in a row "
-                f"(train.max_bad_steps={tc.max_bad_steps}); lower optim.lr, use train.amp=bf16 or none, "
-                f"or check the data; resume from {loop.run_dir / 'checkpoints' / 'latest'} after fixing it"
+                f"(train.max_bad_steps={tc.max_bad_steps}); the region features read were finite (every record "
+                f"is checked), so the training diverged: {_after_divergence(loop.run_dir)}"
             )
         if scaler.is_enabled():
             scaler.update()
@@ -281,6 +379,18 @@ def _tf32_note(device: torch.device, tf32: bool) -> str:
     if device.type != "cuda":
         return ""
     return " (float32 matmuls: TF32)" if tf32 else " (float32 matmuls: IEEE, no TF32)"
+
+
+def _after_divergence(run_dir: Path) -> str:
+    """What to do after too many non-finite losses (optim.lr defines the run: a lower one is a new run)."""
+    steps = ckpt.list_step_dirs(run_dir / "checkpoints")
+    if not steps:
+        return "no checkpoint was written yet; start again with train.amp=none (if it was fp16) or a lower optim.lr"
+    step, path = steps[0]
+    return (
+        f"run the same command with train.amp=none (if it was fp16) and --resume to continue from {path} (step "
+        f"{step}), or start a new run (another --output) with a lower optim.lr"
+    )
 
 
 def _device_type(device: str) -> str:

@@ -29,6 +29,7 @@ class GQATask(QATask):
     """GQA: QA over the 1842 answers; official metric = GQA's ``eval.py`` (accuracy, binary / open, ...)."""
 
     name = "gqa"
+    question_id_type = str
 
     def submission(self, preds: Sequence[Prediction]) -> list[dict[str, Any]]:
         return [{"questionId": str(p.question_id), "prediction": p.answer} for p in preds]

@@ -29,7 +29,12 @@ from model.bert_init import is_bert_checkpoint
 from model.losses import masked_mean_cross_entropy
 from tasks.config import TrainConfig
 from tasks.data.jsonio import DataFormatError, read_json_list, read_text
-from tasks.data.model_folder import feature_extras
+from tasks.data.model_folder import (
+    check_resume_extractor,
+    feature_extras,
+    loaded_extractor_record,
+    reading_model,
+)
 from tasks.data.regions import RegionFeatures, collate_regions
 from tasks.data.stores import keep_found_images, open_features
 from tasks.data.text import TextItemsDataset
@@ -81,6 +86,14 @@ def load_pair_items(paths: Sequence[str | Path]) -> list[PairItem]:
             where = f"{where} (identifier {ident!r})"
             if not all(isinstance(entry[k], str) for k in ("identifier", "img0", "img1", "sent")):
                 raise DataFormatError(f"{where}: identifier, img0, img1 and sent must be strings")
+            if not entry["sent"].strip():
+                raise DataFormatError(
+                    f"{where}: the sentence (sent) is empty; give its text or drop the entry"
+                )
+            if not entry["img0"] or not entry["img1"]:
+                raise DataFormatError(f"{where}: img0 and img1 must name images (one is empty)")
+            if not ident:
+                raise DataFormatError(f"{where}: the identifier is empty")
             label = entry.get("label")
             if label is not None and (label not in (0, 1) or isinstance(label, bool)):
                 raise DataFormatError(
@@ -141,9 +154,10 @@ def build_nlvr2_model(config: TrainConfig, load: str | None) -> nn.Module:
     if not load:
         logger.info("NLVR2 model from scratch: no --load given")
         return LxmertForNLVR2(scratch_config(config))
-    if is_bert_checkpoint(load):  # the language side from BERT: config.model's network
-        return LxmertForNLVR2.from_pretrained(load, config=scratch_config(config))
-    model = LxmertForNLVR2.from_pretrained(load)
+    with reading_model(load):
+        if is_bert_checkpoint(load):  # the language side from BERT: config.model's network
+            return LxmertForNLVR2.from_pretrained(load, config=scratch_config(config))
+        model = LxmertForNLVR2.from_pretrained(load)
     report = model.load_report
     if any(k.startswith("answer_head.") for k in report.missing + report.defaulted):
         logger.info(
@@ -170,6 +184,8 @@ class NLVR2Task:
     def __init__(self, config: TrainConfig, model_folder: str | None = None) -> None:
         self.config = config
         self.model_folder = model_folder
+        self._load: str | None = None  # the starting model of training, and its extractor.json
+        self._loaded_extractors: Any = None
         self._features: RegionFeatures | None = None
         self._items: dict[tuple[str, ...], list[PairItem]] = {}
         self.dropped_items: dict[str, int] = {}  # split -> examples left out (an image in no store)
@@ -210,7 +226,14 @@ class NLVR2Task:
     # -- the trainer's contract ---------------------------------------------------------------------------
     def build_model(self, load: str | None) -> nn.Module:
         self.model_folder = self.model_folder or load
-        return build_nlvr2_model(self.config, load)
+        model = build_nlvr2_model(self.config, load)
+        self._loaded_extractors = loaded_extractor_record(load, self.features) if load else None
+        self._load = load
+        return model
+
+    def check_resume(self, checkpoint: Path) -> None:
+        """Refuse to continue a run on features of another extractor than its checkpoint records."""
+        check_resume_extractor(checkpoint, self.features)
 
     def train_dataset(self) -> PairDataset:
         if not self.config.data.train:
@@ -278,7 +301,7 @@ class NLVR2Task:
         return metrics
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return feature_extras(self.features)
+        return feature_extras(self.features, self._loaded_extractors, self._load)
 
     # -- predictions (lxmert-train --eval-only) -------------------------------------------------------------
     prediction_file = "predictions.csv"

@@ -30,7 +30,13 @@ from model.losses import argmax_answer_cross_entropy, soft_score_bce
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table
 from tasks.data.jsonio import DataFormatError
-from tasks.data.model_folder import LABEL2ANS_FILE, feature_extras, read_answers
+from tasks.data.model_folder import (
+    LABEL2ANS_FILE,
+    check_resume_extractor,
+    feature_extras,
+    loaded_extractor_record,
+    read_answers,
+)
 from tasks.data.regions import RegionFeatures
 from tasks.data.stores import keep_found_images, open_features
 from tasks.engine.batching import to_device
@@ -78,6 +84,7 @@ class QATask:
     the name, the submission format and the official metric."""
 
     name = "qa"
+    question_id_type: type | None = None  # what the official ids are: int (VQA), str (GQA)
 
     def __init__(self, config: TrainConfig, load: str | None = None) -> None:
         self.config = config
@@ -87,6 +94,8 @@ class QATask:
         self._official_docs: dict[str, Any] = {}  # raw official files, read once
         self.model_folder = load  # where label2ans.json may be found when data.answers is empty (evaluation)
         self.dropped_items: dict[str, int] = {}  # split -> questions left out (image in no store)
+        self._load: str | None = None  # the starting model of training, and its extractor.json
+        self._loaded_extractors: Any = None
 
     # -- parts --------------------------------------------------------------------------------------------
     @property
@@ -131,7 +140,7 @@ class QATask:
         """The questions of ``paths`` (read once per list of paths)."""
         key = tuple(map(str, paths))
         if key not in self._items:
-            self._items[key] = load_qa_items(paths)
+            self._items[key] = load_qa_items(paths, self.question_id_type, self.name)
         return self._items[key]
 
     def dataset(self, paths: Sequence[str | Path], split: str) -> QADataset:
@@ -150,7 +159,14 @@ class QATask:
     # -- the trainer's contract ---------------------------------------------------------------------------
     def build_model(self, load: str | None) -> nn.Module:
         self.model_folder = self.model_folder or load
-        return build_qa_model(self.config, self.answers, load)
+        model = build_qa_model(self.config, self.answers, load)
+        self._loaded_extractors = loaded_extractor_record(load, self.features) if load else None
+        self._load = load
+        return model
+
+    def check_resume(self, checkpoint: Path) -> None:
+        """Refuse to continue a run on features of another extractor than its checkpoint records."""
+        check_resume_extractor(checkpoint, self.features)
 
     def train_dataset(self) -> QADataset:
         if not self.config.data.train:
@@ -227,7 +243,8 @@ class QATask:
         return metrics
 
     def checkpoint_extras(self) -> dict[str, Any]:
-        return {LABEL2ANS_FILE: list(self.answers), **feature_extras(self.features)}
+        extras = feature_extras(self.features, self._loaded_extractors, self._load)
+        return {LABEL2ANS_FILE: list(self.answers), **extras}
 
     # -- predictions (lxmert-train --eval-only) -------------------------------------------------------------
     prediction_file = "predictions.json"

@@ -53,11 +53,17 @@ class QAItem:
 QA_FORMAT = 'LXMERT\'s question list [{"img_id", "sent", "question_id", "label": {answer: score}}, ...]'
 
 
-def load_qa_items(paths: Sequence[str | Path]) -> list[QAItem]:
+def load_qa_items(
+    paths: Sequence[str | Path], question_id_type: type | None = None, task: str = "qa"
+) -> list[QAItem]:
     """The questions of one or more LXMERT QA JSON files, in file order.
 
-    Raises :class:`DataFormatError` naming the file, the entry index and the question id for a malformed entry,
-    and both places for a question id given twice (within or across files).
+    ``question_id_type``: ``int`` (VQA: the official ids and result files are ints), ``str`` (GQA: the official ids
+    are strings, some with leading zeros an int would lose), None (either); ``task`` names it in messages.
+
+    Raises :class:`DataFormatError` naming the file, the entry index and the question id for a malformed entry
+    (an id of another type, an empty question or image id, a label score outside [0, 1]), and both places for a
+    question id given twice (within or across files). Training and ``--eval-only`` read items only through here.
     """
     items: list[QAItem] = []
     seen: dict[Any, str] = {}
@@ -75,8 +81,24 @@ def load_qa_items(paths: Sequence[str | Path]) -> list[QAItem]:
             where = f"{where} (question_id {qid!r})"
             if not isinstance(qid, int | str) or isinstance(qid, bool):
                 raise DataFormatError(f"{where}: question_id must be an int (VQA) or a str (GQA)")
+            if question_id_type is int and not isinstance(qid, int):
+                raise DataFormatError(
+                    f"{where}: question_id must be an int for {task} (the official question ids and result "
+                    "files are integers); fix the entry or convert the file again with lxmert-data"
+                )
+            if question_id_type is str and not isinstance(qid, str):
+                raise DataFormatError(
+                    f"{where}: question_id must be a string for {task} (the official ids are strings, some with "
+                    "leading zeros); fix the entry or convert the file again with lxmert-data"
+                )
             if not isinstance(entry["img_id"], str) or not isinstance(entry["sent"], str):
                 raise DataFormatError(f"{where}: img_id and sent must be strings")
+            if not entry["sent"].strip():
+                raise DataFormatError(
+                    f"{where}: the question (sent) is empty; give its text or drop the entry"
+                )
+            if not entry["img_id"]:
+                raise DataFormatError(f"{where}: img_id is empty; name the image the question is about")
             label = entry.get("label")
             if label is not None:
                 if not isinstance(label, dict) or not all(
@@ -85,6 +107,10 @@ def load_qa_items(paths: Sequence[str | Path]) -> list[QAItem]:
                 ):
                     raise DataFormatError(
                         f"{where}: label must be {{answer: score}} with numeric scores, got {label!r}"
+                    )
+                if not all(0.0 <= v <= 1.0 for v in label.values()):  # NaN fails too
+                    raise DataFormatError(
+                        f"{where}: label scores must lie in [0, 1] (soft scores), got {label!r}"
                     )
                 label = {k: float(v) for k, v in label.items()}
             if qid in seen:

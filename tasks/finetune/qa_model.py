@@ -16,7 +16,7 @@ from model.bert_init import is_bert_checkpoint
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table, normalize_answer
 from tasks.data.jsonio import DataFormatError
-from tasks.data.model_folder import LABEL2ANS_FILE, read_answers
+from tasks.data.model_folder import LABEL2ANS_FILE, read_answers, reading_model
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,12 @@ def build_qa_model(config: TrainConfig, answers: list[str], load: str | None) ->
     if not load:
         logger.info("QA model from scratch (%d answers): no --load given", num)
         return LxmertForQuestionAnswering(scratch_config(config, num_qa_labels=num))
+    with reading_model(load):
+        return _load_qa_model(config, answers, load)
+
+
+def _load_qa_model(config: TrainConfig, answers: list[str], load: str) -> LxmertForQuestionAnswering:
+    num = len(answers)
     if is_bert_checkpoint(load):
         model = LxmertForQuestionAnswering.from_pretrained(
             load, config=scratch_config(config, num_qa_labels=num)

@@ -25,6 +25,7 @@ class VQATask(QATask):
     """VQA v2: soft-score QA over the 3129 answers; official metric = the VQA v2 accuracy."""
 
     name = "vqa"
+    question_id_type = int
 
     def submission(self, preds: Sequence[Prediction]) -> list[dict[str, Any]]:
         rows = []

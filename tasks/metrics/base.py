@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 
 class MetricInputError(ValueError):
@@ -26,3 +27,14 @@ def preview(ids: list, limit: int = 10) -> str:
     """``'1, 2, 3 ... and 7 more'``: a short list of ids for an error message."""
     shown = ", ".join(repr(i) for i in ids[:limit])
     return shown + (f" ... and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def refuse_repeated(qid: Any, index: int, first: dict[Any, int], source: str, key: str) -> None:
+    """Record that prediction #``index`` is for ``qid``; :class:`MetricInputError` naming the id and both
+    predictions when ``first`` already holds it (the official evaluators keep the last one silently)."""
+    if qid in first:
+        raise MetricInputError(
+            f"{source}: {key} {qid!r} is predicted twice (predictions #{first[qid]} and #{index}); remove one "
+            "(the official evaluator would silently keep the last one)"
+        )
+    first[qid] = index

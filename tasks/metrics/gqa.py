@@ -14,7 +14,8 @@ questions inside consistency. Correctness is exact string equality, no normalisa
 - ``accuracyPerStructuralType``, ``accuracyPerSemanticType``, ``accuracyPerLength`` (words by ``str.split()``),
   ``accuracyPerSteps`` (semantic operations other than exist / query name / choose name): ``[percent, count]``.
 
-Values are unrounded (as the official JSON); :func:`format_gqa_report` prints them like the official script.
+Values are unrounded (as the official JSON); :func:`format_gqa_report` prints them like the official script. A
+``questionId`` predicted twice is refused, naming it (the official's dict silently keeps the last one).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from tasks.metrics.base import MetricInputError, preview
+from tasks.metrics.base import MetricInputError, preview, refuse_repeated
 
 __all__ = ["COMMON_ANSWERS", "count_steps", "evaluate_gqa", "format_gqa_report"]
 
@@ -65,13 +66,15 @@ def _prediction_map(predictions: Any, source: str) -> dict[str, Any]:
             f'{source}: predictions must be a list of {{"questionId": str, "prediction": str}}'
         )
     out: dict[str, Any] = {}
+    first: dict[Any, int] = {}
     for i, p in enumerate(predictions):
         if not isinstance(p, Mapping) or "questionId" not in p or "prediction" not in p:
             raise MetricInputError(
                 f"{source}: prediction #{i} must be an object with 'questionId' and 'prediction' "
                 f"(got {p!r:.200})"
             )
-        out[p["questionId"]] = p["prediction"]  # the last one wins, as the official dict
+        refuse_repeated(p["questionId"], i, first, source, "questionId")
+        out[p["questionId"]] = p["prediction"]
     return out
 
 

@@ -2,8 +2,8 @@
 
 - Predictions: a CSV ``identifier,prediction`` (no header; LXMERT writes ``dev-850-0-0,True``). Each line is
   stripped and split on ``","``; the first field is the identifier, the second the prediction, further fields
-  are ignored; a repeated identifier keeps the last line. Blank lines are skipped (the official crashes on
-  them).
+  are ignored. A repeated identifier is refused, naming it and both lines (the official's dict silently keeps
+  the last line). Blank lines are skipped (the official crashes on them).
 - Correct when ``prediction.lower() == label.lower()`` (``"true"``, ``"TRUE"`` count; ``" True"`` does not).
 - Consistency: examples are grouped by their identifier with the pair id (third ``-`` field) blanked
   (``dev-850-0-0`` -> ``dev-850--0``: one sentence over all its image pairs); the share of groups whose
@@ -26,6 +26,7 @@ __all__ = ["consistency_key", "evaluate_nlvr2", "parse_examples", "parse_predict
 def parse_predictions_csv(lines: Iterable[str], source: str = "predictions") -> dict[str, str]:
     """``{identifier: prediction}`` from the lines of a predictions CSV."""
     out: dict[str, str] = {}
+    first: dict[str, int] = {}
     for lineno, line in enumerate(lines, 1):
         text = line.strip()
         if not text:
@@ -35,6 +36,12 @@ def parse_predictions_csv(lines: Iterable[str], source: str = "predictions") -> 
             raise MetricInputError(
                 f"{source}:{lineno}: expected 'identifier,prediction' (e.g. dev-850-0-0,True), got {text!r:.200}"
             )
+        if fields[0] in first:
+            raise MetricInputError(
+                f"{source}:{lineno}: identifier {fields[0]!r} is predicted twice (first on line {first[fields[0]]}); "
+                "remove one (the official evaluator would silently keep the last one)"
+            )
+        first[fields[0]] = lineno
         out[fields[0]] = fields[1]
     return out
 

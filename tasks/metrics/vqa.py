@@ -15,8 +15,9 @@ Scores are percentages rounded to 2 decimals with Python 2's ``round`` (ties awa
 :func:`tasks.metrics.base.round_half_away`): ``overall``, ``perAnswerType``, ``perQuestionType`` from the
 unrounded per-question values, ``perQuestion`` each rounded.
 
-Predictions must cover exactly the annotations' question ids (the official ``loadRes`` asserts it); a repeated
-question id in the predictions keeps the last entry, as the official's index does.
+Predictions must cover exactly the annotations' question ids (the official ``loadRes`` asserts it). A question id
+predicted twice is refused, naming it: the official's index silently keeps the last entry, which changes the score
+without a word.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from tasks.metrics.base import MetricInputError, preview, round_half_away
+from tasks.metrics.base import MetricInputError, preview, refuse_repeated, round_half_away
 
 __all__ = [
     "ARTICLES",
@@ -187,6 +188,7 @@ def _prediction_map(predictions: Any, source: str) -> dict[Any, str]:
             "(the official 'results is not an array of objects')"
         )
     out: dict[Any, str] = {}
+    first: dict[Any, int] = {}
     for i, p in enumerate(predictions):
         if not isinstance(p, Mapping) or "question_id" not in p or "answer" not in p:
             raise MetricInputError(
@@ -196,7 +198,8 @@ def _prediction_map(predictions: Any, source: str) -> dict[Any, str]:
             raise MetricInputError(
                 f"{source}: question {p['question_id']!r}: 'answer' must be a string (got {p['answer']!r})"
             )
-        out[p["question_id"]] = p["answer"]  # last one wins, as the official index
+        refuse_repeated(p["question_id"], i, first, source, "question_id")
+        out[p["question_id"]] = p["answer"]
     return out
 
 

@@ -13,6 +13,7 @@ arrays), grouped by image, so millions of sentences cost a few hundred MB and Da
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,6 +182,8 @@ def read_pretrain_json(path: str | Path) -> list[dict]:
                     raise _bad(
                         path, i, entry, f"labelf[{source!r}] holds {label!r}, not an {{answer: score}} object"
                     )
+                if not all(math.isfinite(s) for s in label.values()):
+                    raise _bad(path, i, entry, f"labelf[{source!r}] holds {label!r}: scores must be finite")
     return data
 
 

@@ -27,16 +27,24 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from common.config import check_ranges
 from model import LxmertConfig, LxmertForPreTraining, LxmertTokenizer
 from model.bert_init import is_bert_checkpoint
 from tasks.config import TrainConfig
 from tasks.data.answer_table import load_answer_table
+from tasks.data.model_folder import (
+    check_resume_extractor,
+    feature_extras,
+    loaded_extractor_record,
+    reading_model,
+)
 from tasks.data.regions import RegionFeatures
 from tasks.engine.task import StepOutput
 from tasks.pretrain.corpus import PretrainCorpus, PretrainDataError, build_corpus
@@ -68,13 +76,9 @@ class PretrainTask:
         unknown = sorted(set(pre.visual_losses) - set(VISUAL_LOSSES))
         if unknown:
             raise ValueError(f"pretrain.visual_losses: unknown {unknown}; choose among {list(VISUAL_LOSSES)}")
-        for key in ("word_mask_rate", "obj_mask_rate"):
-            if not 0 < getattr(pre, key) <= 1:
-                raise ValueError(f"pretrain.{key}={getattr(pre, key)} must be in (0, 1] (the original: 0.15)")
-        if data.max_seq_length < 3:
-            raise ValueError(
-                f"data.max_seq_length={data.max_seq_length}: [CLS], [SEP] and a token need 3 (LXMERT: 20)"
-            )
+        check_ranges(
+            config
+        )  # the mask rates, max_seq_length, ...: tasks.config's RANGES (also for configs built by hand)
         self.enabled = {"mlm": pre.mlm, "matched": pre.matched, "qa": pre.qa}
         self.enabled.update({k: k in pre.visual_losses for k in VISUAL_LOSSES})
         if not any(self.enabled.values()):
@@ -88,6 +92,8 @@ class PretrainTask:
             raise ValueError(f"{data.answers}: no answer left for data.qa_sets={data.qa_sets}")
         self.tokenizer = LxmertTokenizer(max_length=data.max_seq_length)
         self.features = RegionFeatures(data.features, zero_visual=data.zero_visual)
+        self._load: str | None = None  # the starting model, and its extractor.json (the history kept)
+        self._loaded_extractors: Any = None
         self.options = MaskingOptions.from_config(config)
         self.dropped_items: dict[
             str, int
@@ -167,14 +173,18 @@ class PretrainTask:
         gives ``config.model``'s network its embeddings, language layers, pooler, MLM and matching heads, as
         the original without ``--fromScratch``."""
         if load and is_bert_checkpoint(load):
-            model = LxmertForPreTraining.from_pretrained(load, config=self.model_config())
+            with reading_model(load):
+                model = LxmertForPreTraining.from_pretrained(load, config=self.model_config())
             log.info("pretraining from BERT (%s): %s", load, _describe(model.config))
         elif load:
-            model = LxmertForPreTraining.from_pretrained(load, **self._head_fields())
+            with reading_model(load):
+                model = LxmertForPreTraining.from_pretrained(load, **self._head_fields())
             log.info("pretraining from %s", load)
         else:
             model = LxmertForPreTraining(self.model_config())
             log.info("pretraining from scratch: %s", _describe(model.config))
+        self._loaded_extractors = loaded_extractor_record(load, self.features) if load else None
+        self._load = load
         dim = self.features.feature_dim
         if dim is not None and model.config.visual_feat_dim != dim:
             raise ValueError(
@@ -282,9 +292,12 @@ class PretrainTask:
         (``extractor.json``) and the features it expects (``features.json``: stores, size, standardisation)."""
         return {
             "label2ans.json": list(self.answers),
-            "extractor.json": self.features.extractor_settings(),
-            "features.json": self.features.describe(),
+            **feature_extras(self.features, self._loaded_extractors, self._load),
         }
+
+    def check_resume(self, checkpoint: Path) -> None:
+        """Refuse to continue a run on features of another extractor than its checkpoint records."""
+        check_resume_extractor(checkpoint, self.features)
 
 
 def _describe(config: LxmertConfig) -> str:

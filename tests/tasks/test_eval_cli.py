@@ -164,3 +164,23 @@ def test_nlvr2(tmp_path, capsys):
     p = write(tmp_path / "few.csv", "dev-1-0-0,True\n")
     assert main(["nlvr2", "--data", d, "--predictions", p]) == 2
     assert "missing 2: 'dev-1-1-0', 'dev-2-0-0'" in capsys.readouterr().err
+
+
+def test_duplicate_prediction_ids_are_refused_by_each_benchmark(vqa_files, tmp_path, capsys):
+    """The official evaluators keep the last of two predictions for one id, silently changing the score."""
+    a, _, _ = vqa_files
+    preds = [{"question_id": 1, "answer": "2"}, {"question_id": 2, "answer": "yes"}]
+    preds += [{"question_id": 3, "answer": "red"}, {"question_id": 1, "answer": "3"}]
+    p = write(tmp_path / "dup.json", preds)
+    assert main(["vqa", "--annotations", a, "--predictions", p]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "question_id 1 is predicted twice" in err, err
+    questions = {"q1": {"question": "?", "answer": "yes", "isBalanced": True}}
+    q = write(tmp_path / "gqa_q.json", questions)
+    gp = write(tmp_path / "gqa_p.json", [{"questionId": "q1", "prediction": "yes"}] * 2)
+    assert main(["gqa", "--questions", q, "--predictions", gp]) == 2
+    assert "questionId 'q1' is predicted twice" in capsys.readouterr().err
+    dev = write(tmp_path / "dev.json", '{"identifier": "dev-1-0-0", "label": "True"}\n')
+    csv = write(tmp_path / "p.csv", "dev-1-0-0,True\ndev-1-0-0,False\n")
+    assert main(["nlvr2", "--data", dev, "--predictions", csv]) == 2
+    assert "identifier 'dev-1-0-0' is predicted twice (first on line 1)" in capsys.readouterr().err

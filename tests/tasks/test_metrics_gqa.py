@@ -50,14 +50,13 @@ QUESTIONS = {
 }  # fmt: skip
 
 PREDICTIONS = [
-    {"questionId": "q1", "prediction": "no"},  # overwritten below: the last entry wins
     {"questionId": "q2", "prediction": "Red"},  # wrong: exact string equality
     {"questionId": "q3", "prediction": "cup"},  # wrong
     {"questionId": "q4", "prediction": "shape"},  # wrong, but valid and plausible ("Common")
     {"questionId": "q5", "prediction": "yes"},  # right (unbalanced)
     {"questionId": "q6", "prediction": "wood"},  # right
     {"questionId": "q7", "prediction": "red"},  # right
-    {"questionId": "q1", "prediction": "yes"},  # right
+    {"questionId": "q1", "prediction": "yes"},  # right (last in the file: order does not matter)
     {"questionId": "not-in-file", "prediction": "x"},  # ignored
 ]
 
@@ -186,3 +185,11 @@ def test_report_like_the_official():
     assert [w.split(":")[0].strip() for w in words] == ["4", "5", "7", "8", "10"]  # numeric order
     assert "  attr: 60.00% (5 questions)" in text
     assert "Consistency" not in format_gqa_report(s)
+
+
+def test_repeated_prediction_is_refused_naming_the_id():
+    # the official dict silently keeps the last one: we refuse
+    preds = [*PREDICTIONS, {"questionId": "q6", "prediction": "metal"}]
+    with pytest.raises(MetricInputError) as e:
+        evaluate_gqa(QUESTIONS, preds, predictions_source="p.json")
+    assert "p.json: questionId 'q6' is predicted twice (predictions #4 and #8)" in str(e.value)

@@ -45,9 +45,12 @@ def test_accuracy_and_consistency():
     assert (s["examples"], s["sentences"]) == (6, 3)
 
 
-def test_last_prediction_wins_and_keys():
-    preds = parse_predictions_csv(["dev-1-0-0,False", "dev-1-0-0,True"])
-    assert preds == {"dev-1-0-0": "True"}
+def test_repeated_prediction_is_refused_and_keys():
+    # the official dict silently keeps the last line: we refuse
+    with pytest.raises(
+        MetricInputError, match=r"p.csv:3: identifier 'dev-1-0-0' is predicted twice \(first on line 1\)"
+    ):
+        parse_predictions_csv(["dev-1-0-0,False", "", "dev-1-0-0,True"], source="p.csv")
     assert consistency_key("dev-850-0-0") == "dev-850--0"
     assert consistency_key("test1-12-3-2") == "test1-12--2"
     with pytest.raises(MetricInputError, match="not 'split-set_id-pair_id-sentence_id'"):

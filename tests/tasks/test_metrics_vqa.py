@@ -186,10 +186,14 @@ def test_predictions_must_cover_exactly_the_annotations():
         evaluate_vqa(anns, [{"question_id": str(i), "answer": "yes"} for i in (1, 2, 3)])
 
 
-def test_repeated_prediction_keeps_the_last():
-    anns = {"annotations": [ann(1, ["yes"] * 10)]}
-    preds = [{"question_id": 1, "answer": "yes"}, {"question_id": 1, "answer": "no"}]
-    assert evaluate_vqa(anns, preds)["overall"] == 0.0
+def test_repeated_prediction_is_refused_naming_the_id():
+    # the official index silently keeps the last one (a score of 0 here instead of 100): we refuse
+    anns = {"annotations": [ann(1, ["yes"] * 10), ann(2, ["no"] * 10)]}
+    preds = [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "no"}]
+    preds.append({"question_id": 1, "answer": "no"})
+    with pytest.raises(MetricInputError) as e:
+        evaluate_vqa(anns, preds, predictions_source="p.json")
+    assert "p.json: question_id 1 is predicted twice (predictions #0 and #2)" in str(e.value)
 
 
 def test_bad_inputs_are_named():

@@ -259,9 +259,9 @@ def test_random_weight_store_warns_for_label_losses(files, tmp_path: Path, caplo
 
 def test_bad_settings_are_refused(files):
     for override, pattern in [
-        ("pretrain.word_mask_rate=0", r"pretrain.word_mask_rate=0.0 must be in \(0, 1\]"),
-        ("pretrain.obj_mask_rate=1.5", r"pretrain.obj_mask_rate=1.5"),
-        ("data.max_seq_length=2", r"data.max_seq_length=2"),
+        ("pretrain.word_mask_rate=0", r"pretrain.word_mask_rate: must be in \(0, 1\], got 0.0"),
+        ("pretrain.obj_mask_rate=1.5", r"pretrain.obj_mask_rate: must be in \(0, 1\], got 1.5"),
+        ("data.max_seq_length=2", r"data.max_seq_length: must be in \[3, inf\), got 2"),
         ("pretrain.visual_losses=[obj,depth]", r"pretrain.visual_losses: unknown \['depth'\]"),
     ]:
         with pytest.raises(ValueError, match=pattern):

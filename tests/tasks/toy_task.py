@@ -3,7 +3,8 @@
 Items are (image id, sentence of token ids); each item's MLM masks, region masks and matched flag are drawn
 from ``(seed, epoch, index)``, as the Task contract requires, so runs are exactly reproducible across worker
 counts, process counts and resumes. ``ToyTask(..., nan_at_calls={3, 4})`` returns a NaN loss at those
-``step`` calls; ``kill_at_call=n`` SIGKILLs the process at its n-th ``step`` call (1-based).
+``step`` calls; ``kill_at_call=n`` SIGKILLs the process at its n-th ``step`` call (1-based); ``pause_at_call=n``
+writes ``RUN_DIR.paused`` there and sleeps until killed (a run that holds its RUN_DIR for as long as a test needs).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,11 +124,14 @@ class ToyTask:
         nan_at_calls: set[int] | None = None,
         kill_at_call: int | None = None,
         dropout: float = 0.1,
+        pause_at_call: int | None = None,
+        pause_marker: Path | None = None,
     ) -> None:
         self.config = config
         self.features = RegionFeatures(config.data.features)
         self.nan_at_calls = nan_at_calls or set()
         self.kill_at_call = kill_at_call
+        self.pause_at_call, self.pause_marker = pause_at_call, pause_marker
         self.dropout = dropout
         self.calls = 0
 
@@ -193,6 +198,9 @@ class ToyTask:
         self.calls += 1
         if self.kill_at_call is not None and self.calls == self.kill_at_call:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.pause_at_call is not None and self.calls == self.pause_at_call:
+            Path(self.pause_marker).write_text(str(os.getpid()))
+            time.sleep(600)
         inputs = {k: v for k, v in batch.items() if k != "uids"}
         out = model(**inputs)
         loss = out.loss
@@ -237,7 +245,8 @@ def toy_config(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python toy_task.py CONFIG.yaml RUN_DIR [--resume] [--kill-at-call N] [--dropout P] [--max-steps N]``:
+    """``python toy_task.py CONFIG.yaml RUN_DIR [--resume] [--kill-at-call N] [--pause-at-call N] [--dropout P]
+    [--max-steps N]``:
     the trainer on :class:`ToyTask` in a process of its own (for kill -9 and torchrun tests)."""
     import argparse
     import logging
@@ -252,10 +261,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kill-at-call", type=int)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--pause-at-call", type=int)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     config = load_config(TrainConfig, args.config)
-    task = ToyTask(config, kill_at_call=args.kill_at_call, dropout=args.dropout)
+    marker = Path(str(args.run_dir).rstrip("/") + ".paused")
+    task = ToyTask(
+        config, kill_at_call=args.kill_at_call, dropout=args.dropout, pause_at_call=args.pause_at_call,
+        pause_marker=marker,
+    )  # fmt: skip
     summary = train(config, task, args.run_dir, resume=args.resume, max_steps=args.max_steps)
     print("SUMMARY " + json.dumps({k: summary[k] for k in ("step", "completed", "bad_steps")}), flush=True)
 
