@@ -130,13 +130,7 @@ def _train(
     # --- 1. processes, device, precision -------------------------------------------------------------
     if dist.is_main:
         ckpt.remove_leftovers(run_dir)  # temporaries of a run killed while writing (we hold RUN_DIR now)
-    device = resolve_device(tc.device or None, dist)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
-        tune_cpu_allocator()
-    amp_dtype = resolve_amp(tc.amp, device)
-    set_tf32(device, tc.tf32)
+    device, amp_dtype = _device_and_precision(config, dist)
     micro, accum = micro_batching(dc.batch_size, dist.world_size, tc)
 
     # --- 2. the model (fresh or from the checkpoint to resume) -------------------------------------------
@@ -234,14 +228,43 @@ def _train(
         log.close()
     if dist.is_main:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
-    summary = {
+    summary = _summary(task, run_dir, p, t_total, log.last_train_loss, loop.valid_metrics, t_start)
+    dist.barrier()
+    if own_dist:
+        dist.close()
+    return summary
+
+
+def _device_and_precision(config: TrainConfig, dist: DistContext) -> tuple[torch.device, torch.dtype | None]:
+    """This process's device (CUDA: set as current; CPU: allocator tuned), the autocast dtype, TF32 set."""
+    tc = config.train
+    device = resolve_device(tc.device or None, dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        tune_cpu_allocator()
+    set_tf32(device, tc.tf32)
+    return device, resolve_amp(tc.amp, device)
+
+
+def _summary(
+    task: Task,
+    run_dir: Path,
+    p: Progress,
+    t_total: int,
+    train_loss: float | None,
+    valid: dict,
+    t_start: float,
+) -> dict[str, Any]:
+    """What ``train`` returns (rank 0's view)."""
+    return {
         "task": task.name,
         "step": p.step,
         "t_total": t_total,
         "epochs_done": p.epoch,
         "completed": p.step >= t_total,
-        "train_loss": log.last_train_loss,
-        "valid": loop.valid_metrics,
+        "train_loss": train_loss,
+        "valid": valid,
         "best_score": p.best_score,
         "bad_steps": p.bad_total,
         "dropped_items": dict(
@@ -251,10 +274,6 @@ def _train(
         "best": str(run_dir / "best") if p.best_score is not None else None,
         "seconds": time.perf_counter() - t_start,
     }
-    dist.barrier()
-    if own_dist:
-        dist.close()
-    return summary
 
 
 def _nothing_to_do(
