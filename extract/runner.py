@@ -24,7 +24,8 @@ Data flow for one process (one torchrun rank)::
 
 This module holds the run itself; the parts live beside it, one job each, and are re-exported here:
 :mod:`extract.image_list` (images and ids), :mod:`extract.config` (:class:`ExtractConfig`),
-:mod:`extract.loading` (dataset, batching), :mod:`extract.store_thread` (writer thread),
+:mod:`extract.loading` (dataset, batching), :mod:`extract.store_setup` (the store checked, then opened),
+:mod:`extract.store_thread` (writer thread),
 :mod:`extract.outcome` (failures, summary). The run logs (``logging``); the CLI prints.
 """
 
@@ -42,7 +43,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from common.cpu import cpu_autocast_warning, tune_cpu_allocator
-from common.diskspace import DiskFullError, as_disk_full
+from common.diskspace import as_disk_full
 from common.distributed import DeviceError, DistContext, resolve_device
 from extract.config import AMP_DTYPES, ExtractConfig, extractor_settings
 from extract.detector import build_vg_detector, get_detector_cfg
@@ -58,7 +59,7 @@ from extract.image_list import (
 )
 from extract.loading import AspectRatioGrouper, ImageDataset, worker_init
 from extract.outcome import ExtractSummary, Failure, failures_path, write_failures
-from extract.store import FeatureWriter, StoreError, StoreSettingsMismatch, check_compatible, open_metadata
+from extract.store_setup import open_writer, precheck_store
 from extract.store_thread import StoreWriterThread
 from extract.weights import LoadReport, WeightsError, file_sha256, load_detector_weights, resolve_weights
 
@@ -167,77 +168,6 @@ def _weights_identity(config: ExtractConfig, report: LoadReport | None) -> tuple
         raise SetupError(f"cannot read the weights file {path}: {e}") from None
 
 
-# --------------------------------------------------------------------------------------------------- store
-_STORE_FIX = "use the same settings to resume, or write to a new store"
-
-
-def _precheck_store(config: ExtractConfig, settings: dict, ignore: Sequence[str] = ()) -> None:
-    """Refuse an existing ``config.out`` that is not a store or holds features made with other settings
-    (``ignore``: settings not known yet; the writer checks them when it opens the store)."""
-    out = Path(config.out)
-    if not out.exists():
-        return
-    if out.is_dir() and not (out / "data.mdb").exists():
-        if any(out.iterdir()):
-            raise SetupError(
-                f"{out} exists and is not a feature store (no data.mdb); give a new or empty folder"
-            )
-        return
-    try:
-        meta = open_metadata(out)
-    except StoreError as e:
-        raise SetupError(f"{out} is not a usable feature store: {e}") from None
-    try:
-        check_compatible(
-            meta,
-            extractor=settings,
-            features_dtype=config.features_dtype,
-            where=str(out),
-            fix=_STORE_FIX,
-            ignore=ignore,
-        )
-    except StoreSettingsMismatch as e:
-        raise SetupError(str(e)) from None
-
-
-def _open_writer(config: ExtractConfig, settings: dict, dist_ctx: DistContext) -> FeatureWriter:
-    """Open (create or resume) the store; rank 0 first, so the ranks agree on one validated store."""
-    writer = None
-    error = None
-
-    def attempt() -> None:
-        nonlocal writer, error
-        try:
-            writer = FeatureWriter(
-                config.out,
-                extractor=settings,
-                features_dtype=config.features_dtype,
-                overwrite=config.overwrite,
-            )
-        except StoreSettingsMismatch as e:
-            error = str(e)
-        except DiskFullError as e:
-            error = e
-        except StoreError as e:
-            error = f"cannot write to {config.out}: {e}"
-        except OSError as e:
-            error = f"cannot open the store {config.out}: {e}"
-
-    if dist_ctx.is_main:
-        attempt()
-    errors = dist_ctx.all_gather(error)
-    if errors[0] is None and not dist_ctx.is_main:
-        attempt()
-    errors = [e for e in dist_ctx.all_gather(error) if e is not None]
-    if errors:
-        if writer is not None:
-            writer.close()
-        if isinstance(errors[0], DiskFullError):
-            raise errors[0]
-        raise SetupError(errors[0])
-    return writer
-
-
 # ------------------------------------------------------------------------------------------------ the run
 def run_extraction(
     config: ExtractConfig,
@@ -283,13 +213,13 @@ def run_extraction(
             device = torch.device(getattr(detector, "device", device or "cpu"))
         _weights_file(config)
         # refuse a wrong store before the (slow) detector build; the weights' identity is checked on open
-        _precheck_store(config, extractor_settings(config, None), ignore=_WEIGHTS_SETTINGS)
+        precheck_store(config, extractor_settings(config, None), ignore=_WEIGHTS_SETTINGS)
         report = None
         if detector is None:
             detector, report = load_detector(config, device)
         settings = extractor_settings(config, *_weights_identity(config, report))
         dist_ctx.barrier()  # every rank has checked the store before rank 0 may create it
-        writer = _open_writer(config, settings, dist_ctx)
+        writer = open_writer(config, settings, dist_ctx)
         try:
             return _run(config, items, detector, writer, device, dist_ctx, settings)
         except (OSError, RuntimeError) as exc:  # the store, or the failures file beside it: a full disk?

@@ -82,7 +82,7 @@ def train(
     own_dist = dist is None
     dist = dist or DistContext.from_env(_device_type(config.train.device))
     lock = hold_run_dir(run_dir, f"lxmert-train {task.name}", dist)  # one run per RUN_DIR at a time
-    stop = None
+    stop: TrainingStopped | None = None
     try:
         return _train(config, task, run_dir, load, resume, max_steps, model, dist, own_dist)
     except BadRecordError as exc:  # a damaged or non-finite record, named with its image and store
@@ -99,6 +99,7 @@ def train(
         if lock is not None:
             lock.release()
     # raised here, without the bad record's traceback: its frames (the DataLoader and its workers) go now
+    assert stop is not None
     raise stop
 
 

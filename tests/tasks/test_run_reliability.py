@@ -195,6 +195,8 @@ def test_full_disk_at_a_checkpoint_stops_in_one_line_and_resumes_exactly(
     assert "\n" not in msg and f"disk full: cannot write {run / 'checkpoints' / 'step_00000006'}" in msg
     assert "free on that file system" in msg and "step_00000003" in msg and "--resume" in msg, msg
     assert _leftovers(run) == [] and not (run / "checkpoints" / "step_00000006").exists()
+    if how != "ENOSPC":
+        return  # the resume below does not depend on how the disk said it
     monkeypatch.undo()  # space freed
     train(config, ToyTask(config), run, resume=True)
     train(config, ToyTask(config), tmp_path / "plain")
