@@ -8,7 +8,7 @@ real uvicorn on 127.0.0.1; the clients are threads with their own HTTP connectio
 
     python bench/serve.py                                   # 1, 4, 16 clients, 64 requests each round
     python bench/serve.py --clients 1 8 --requests 96 --max-batch 16
-    python bench/serve.py --model runs/demo/vqa/final -- --random-weights --config vg_tiny --min-size 224 --max-size 224
+    python bench/serve.py --model runs/demo/vqa/final        # its recorded extractor; detector flags after --
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from extract.config import ExtractConfig  # noqa: E402
 from model import LxmertConfig, LxmertForQuestionAnswering  # noqa: E402
 from tasks.answer.answerer import Answerer  # noqa: E402
-from tasks.answer.cli import add_answerer_arguments, extract_config_from_args  # noqa: E402
+from tasks.answer.cli import add_answerer_arguments, extract_config_from_args, unset_namespace  # noqa: E402
 from tasks.data.model_folder import write_model_files  # noqa: E402
 from tasks.serve.app import create_app  # noqa: E402
 from tasks.serve.cli import model_info  # noqa: E402
@@ -146,8 +146,10 @@ def main() -> int:
         if args.model:
             ap = argparse.ArgumentParser()
             add_answerer_arguments(ap)
-            answer_args = ap.parse_args(["--model", args.model, *[a for a in rest if a != "--"]])
-            model_dir, config = args.model, extract_config_from_args(answer_args)
+            answer_args = ap.parse_args(
+                ["--model", args.model, *[a for a in rest if a != "--"]], unset_namespace()
+            )
+            model_dir, (config, _) = args.model, extract_config_from_args(ap, answer_args)
         else:
             model_dir, config = self_contained_model(Path(tmp) / "model")
         answerer = Answerer.load(model_dir, config)

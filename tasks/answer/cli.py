@@ -2,13 +2,17 @@
 
 Examples::
 
+    lxmert-answer photo.jpg "What is the man holding?" --model runs/vqa/best
     lxmert-answer photo.jpg "What is the man holding?" --model runs/vqa/best --weights faster_rcnn_from_caffe_attr.pkl
     lxmert-answer photo.jpg "What color is the bus?" --model runs/vqa/best --weights W.pkl --json --draw seen.png
     lxmert-answer --questions questions.jsonl --model unc-nlp/lxmert-vqa-uncased --answers label2ans.json \\
         --weights W.pkl --out answers.jsonl
 
 The detector runs in memory exactly as ``extract-features`` would (same preprocessing, box selection and
-settings flags), then the model. ``--questions`` reads JSON lines ``{"image": PATH, "question": TEXT}``
+settings flags), then the model. A detector flag left out takes the model folder's recorded extractor
+(``extractor.json``: config, image sizes, box selection, weights file or random weights and seed; see
+:mod:`tasks.answer.recorded`), so ``lxmert-answer IMAGE QUESTION --model RUN/best`` answers as the model was
+trained; a flag given overrides the record (and a warning names the difference). ``--questions`` reads JSON lines ``{"image": PATH, "question": TEXT}``
 (relative paths against the file's folder); questions about one image share one extraction; bad lines are
 reported (file:line) and skipped. Exit codes: 0 every question answered, 1 some input could not be answered
 (unreadable image, empty question, bad line), 2 refused before answering (model, weights, answer table,
@@ -40,18 +44,22 @@ from tasks.answer.answerer import (
     AnswerSetupError,
 )
 from tasks.answer.drawing import draw_result
+from tasks.answer.recorded import RECORDED_FLAGS, flags_from_record, recorded_extractor
 
 __all__ = [
     "QuestionLine",
     "add_answerer_arguments",
     "build_parser",
+    "describe_extractor",
     "extract_config_from_args",
     "main",
     "read_questions",
+    "unset_namespace",
 ]
 
 PROG = "lxmert-answer"
 EXIT_OK, EXIT_BAD_INPUT, EXIT_REFUSED = 0, 1, 2
+_UNSET = object()  # a detector flag not given: taken from the model's extractor record, else its default
 
 
 def _default(name: str) -> Any:
@@ -117,10 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used for ``--help``)."""
     p = argparse.ArgumentParser(
         prog=PROG,
-        usage=f"{PROG} IMAGE QUESTION --model DIR (--weights FILE | --random-weights) [options]\n"
-        f"       {PROG} --questions FILE.jsonl --model DIR (--weights FILE | --random-weights) [--out FILE] [options]",
+        usage=f"{PROG} IMAGE QUESTION --model DIR [--weights FILE | --random-weights] [options]\n"
+        f"       {PROG} --questions FILE.jsonl --model DIR [--weights FILE | --random-weights] [--out FILE] [options]",
         description="Answer questions about your own images with a fine-tuned LXMERT: the project's VG detector runs "
-        "in memory (as extract-features would), then the model; prints the top answers with probabilities.",
+        "in memory (as extract-features would), then the model; prints the top answers with probabilities. "
+        "Detector and image flags left out are taken from the model folder's extractor.json (the settings of its "
+        "training features); the defaults shown apply to a model without one.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("image", nargs="?", help="image file (jpg/png/...)")
@@ -152,8 +162,10 @@ def add_answerer_arguments(p: argparse.ArgumentParser) -> None:
         "--strict", action="store_true", help="refuse a model trained on features from another extractor"
     )
     add_detector_arguments(
-        p.add_argument_group("detector (as extract-features)"),
-        p.add_argument_group("images (as extract-features)"),
+        p.add_argument_group(
+            "detector (as extract-features; left out: as the model's extractor.json records)"
+        ),
+        p.add_argument_group("images (as extract-features; left out: as the model's extractor.json records)"),
     )
     g = p.add_argument_group("execution")
     g.add_argument(
@@ -167,14 +179,57 @@ def add_answerer_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def extract_config_from_args(args: argparse.Namespace) -> ExtractConfig:
-    """The detector's :class:`ExtractConfig` from the flags of :func:`add_answerer_arguments`; ValueError naming
-    the problem."""
+def unset_namespace() -> argparse.Namespace:
+    """A namespace in which the detector flags read ``_UNSET`` until given (argparse keeps a value already there)."""
+    return argparse.Namespace(**{dest: _UNSET for dest in RECORDED_FLAGS})
+
+
+def extract_config_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[ExtractConfig, list[str]]:
+    """The detector settings: each flag given, else the model's recorded extractor, else the flag's default.
+    Also returns the flags whose value the record changed from the default. ``args`` is completed in place.
+
+    Raises:
+        ValueError: no weights given and none recorded; a setting the selection refuses.
+        AnswerSetupError: an unreadable record, or recorded weights that cannot be found.
+    """
+    given = {dest for dest in RECORDED_FLAGS if getattr(args, dest) is not _UNSET}
+    entry = recorded_extractor(args.model)
+    weights_given = bool({"weights", "random_weights"} & given)
+    recorded = flags_from_record(entry, args.model, weights=not weights_given) if entry else {}
+    seed = recorded.pop("seed", None)
+    taken = []
+    for dest in RECORDED_FLAGS:
+        if dest in given:
+            continue
+        if dest in recorded and (dest not in ("weights", "random_weights") or not weights_given):
+            setattr(args, dest, recorded[dest])
+            if recorded[dest] != parser.get_default(dest):
+                taken.append(dest)
+        else:
+            setattr(args, dest, parser.get_default(dest))
     if not args.random_weights and not args.weights:
         raise ValueError(
-            "--weights FILE is required (e.g. faster_rcnn_from_caffe_attr.pkl), or --random-weights"
+            f"{args.model} records no extractor (extractor.json) to take the detector from: give --weights FILE "
+            "(e.g. faster_rcnn_from_caffe_attr.pkl) or --random-weights"
         )
-    return detector_config_from_args(args, out="", device=args.device, amp=args.amp)
+    settings: dict[str, Any] = {"out": "", "device": args.device, "amp": args.amp}
+    if seed is not None and args.random_weights:
+        settings["seed"] = seed
+    return detector_config_from_args(args, **settings), taken
+
+
+def describe_extractor(config: ExtractConfig) -> str:
+    """One line: the detector settings in force."""
+    weights = f"random weights (seed {config.seed})" if config.random_weights else f"weights {config.weights}"
+    sel = config.selection
+    boxes = str(sel.min_boxes) if sel.min_boxes == sel.max_boxes else f"{sel.min_boxes}-{sel.max_boxes}"
+    opts = f", --opts {' '.join(config.opts)}" if config.opts else ""
+    return (
+        f"{config.config}, {weights}, images {config.min_size}-{config.max_size} px, {sel.rule} selection of "
+        f"{boxes} boxes{opts}"
+    )
 
 
 def _error(message: str) -> None:
@@ -218,17 +273,25 @@ def _check_args(args: argparse.Namespace) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Run ``lxmert-answer``; returns the exit code (0 answered, 1 bad input, 2 refused)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, namespace=unset_namespace())
     problem = _check_args(args)
     if problem is None:
         try:
-            config = extract_config_from_args(args)
+            config, taken = extract_config_from_args(parser, args)
         except ValueError as e:
             problem = str(e)
+        except AnswerSetupError as e:
+            _error(str(e))
+            return EXIT_REFUSED
     if problem is not None:
         parser.print_usage(sys.stderr)
         _error(problem)
         return EXIT_REFUSED
+    if taken:
+        print(
+            f"{PROG}: detector from {args.model}'s extractor.json: {describe_extractor(config)}",
+            file=sys.stderr,
+        )
     # What the libraries log (checkpoint load reports, ...) only with --verbose: every problem that stops an
     # answer is printed here as one line.
     logging.basicConfig(

@@ -13,25 +13,40 @@ from PIL import Image, ImageDraw, ImageFont
 from extract.images import decode_image
 from tasks.answer.answerer import AnswerInputError, AnswerResult
 
-__all__ = ["draw_result"]
+__all__ = ["MIN_LONG_SIDE", "draw_result"]
+
+
+#: A picture whose long side is shorter is enlarged (by a whole factor) so that its labels stay legible.
+MIN_LONG_SIDE = 512
 
 
 def draw_result(
-    result: AnswerResult, out: str | os.PathLike, *, labelled: int = 6, max_pixels: int | None = None
+    result: AnswerResult,
+    out: str | os.PathLike,
+    *,
+    labelled: int = 6,
+    max_pixels: int | None = None,
+    min_long_side: int = MIN_LONG_SIDE,
 ) -> Path:
     """Write the image with its regions shaded by attention and the most attended ones labelled.
 
     Every pixel is darkened unless regions cover it: brightness ``0.25 + 0.75 * a / max(a)`` where ``a`` is the
     summed attention of the regions covering the pixel. The ``labelled`` most attended regions get a frame and
     ``"attribute object attention"`` (a label that would cover another is left out); the question and the top answers are written in a band at the bottom.
-    The output has the image's size (after EXIF orientation, as the boxes); its format follows the suffix.
+    The output has the image's size (after EXIF orientation, as the boxes), enlarged ``k`` times (nearest
+    pixel, ``k`` the smallest whole number that brings the long side to ``min_long_side``) when it is smaller:
+    a 64x64 image is drawn at 512x512; its format follows the suffix.
     """
     bgr = decode_image(result.image, max_pixels=max_pixels)
+    k = max(1, math.ceil(min_long_side / max(bgr.shape[:2])))
+    if k > 1:
+        bgr = bgr.repeat(k, axis=0).repeat(k, axis=1)
     rgb = bgr[:, :, ::-1].astype(np.float32)
     h, w = rgb.shape[:2]
+    boxes = [[v * k for v in region.box] for region in result.regions]
     heat = np.zeros((h, w), dtype=np.float32)
-    for region in result.regions:
-        x1, y1, x2, y2 = _pixel_box(region.box, w, h)
+    for region, box in zip(result.regions, boxes):
+        x1, y1, x2, y2 = _pixel_box(box, w, h)
         heat[y1:y2, x1:x2] += region.attention
     peak = float(heat.max())
     shade = 0.25 + 0.75 * (heat / peak if peak > 0 else np.ones_like(heat))
@@ -41,13 +56,13 @@ def draw_result(
     size = max(10, round(min(w, h) / 32))
     font = _font(size)
     line = max(1, round(min(w, h) / 250))
-    ranked = sorted(result.regions, key=lambda r: -r.attention)[: max(0, labelled)]
-    for region in ranked:
-        x1, y1, x2, y2 = _pixel_box(region.box, w, h)
+    ranked = sorted(zip(result.regions, boxes), key=lambda rb: -rb[0].attention)[: max(0, labelled)]
+    for _, box in ranked:
+        x1, y1, x2, y2 = _pixel_box(box, w, h)
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=(255, 215, 0, 255), width=line)
     placed: list[tuple[int, int, int, int]] = []
-    for region in ranked:  # labels of the most attended first; one that would cover another is left out
-        x1, y1, x2, y2 = _pixel_box(region.box, w, h)
+    for region, box in ranked:  # labels of the most attended first; one that would cover another is left out
+        x1, y1, x2, y2 = _pixel_box(box, w, h)
         text = f"{region.attribute} {region.object} {region.attention:.2f}"
         for tx, ty in (
             (x1 + line, y1 - size - 2 * line),

@@ -194,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--test-images", type=_positive_int, metavar="N", help="keep test images 0..N-1 [all 1000]"
     )
+    e.add_argument(
+        "--valid-images",
+        type=int,
+        default=0,
+        metavar="V",
+        help="hold out train images N..N+V-1 (after --train-images N) as valid.json [none]",
+    )
     e.add_argument("--source", metavar="DIR", help="easy-VQA data folder [the installed package's]")
     return p
 
@@ -348,7 +355,9 @@ def run_nlvr2(args: argparse.Namespace) -> None:
 
 
 def run_easy_vqa(args: argparse.Namespace) -> None:
-    manifest = convert_easy_vqa(args.out, args.source, args.train_images, args.test_images)
+    manifest = convert_easy_vqa(
+        args.out, args.source, args.train_images, args.test_images, valid_images=args.valid_images
+    )
     version = manifest["easy_vqa_version"]
     print(f"easy-VQA{f' {version}' if version else ''} from {manifest['source']} -> {args.out}")
     for split, s in manifest["splits"].items():

@@ -9,6 +9,9 @@ yes / no). The package's ``data`` folder (or any folder of the same layout: ``an
                                                names them "train/<n>" and "test/<n>" (the ids used below)
     train.json, test.json                      VQA items {"answer_type", "img_id": "train/<n>",
                                                "label": {answer: 1.0}, "question_id", "question_type", "sent"}
+    valid.json                                 with ``valid_images`` V: the questions of train images
+                                               N..N+V-1 (N = train_images), held out of train.json and
+                                               pretrain.json: the fine-tuning's validation split
     test_questions.json, test_annotations.json the test split in the official VQA formats (ten identical human
                                                answers each) for `lxmert-eval vqa` and the official metric
     pretrain.json                              train images as pretraining data: [{"img_id", "sentf":
@@ -135,14 +138,20 @@ def _image_files(folder: Path) -> dict[int, Path]:
 
 
 def _split(
-    source: Path, out: Path, split: str, limit: int | None, answers: list[str]
+    source: Path, out: Path, split: str, limit: int | None, answers: list[str], held_out: int = 0
 ) -> tuple[list[dict[str, Any]], list[tuple[int, str, str, int]], int]:
-    """Copy one split's images; its items, its (question_id, question, answer, image) rows, images kept."""
+    """Copy one split's images; its items, its (question_id, question, answer, image) rows, images kept.
+    ``held_out`` more images (``limit .. limit + held_out - 1``) are copied too, their items included."""
     qpath = source / split / "questions.json"
     rows = _read_questions(qpath, set(answers))
     images = _image_files(source / split / "images")
     n_images = len(images) if limit is None else min(limit, len(images))
-    keep = set(range(n_images))
+    if held_out and n_images + held_out > len(images):
+        raise ValueError(
+            f"{len(images)} {split} images in {source / split / 'images'}: {n_images} for training and {held_out} "
+            "held out for validation do not fit; ask for fewer"
+        )
+    keep = set(range(n_images + held_out))
     missing = sorted({img for _, _, img in rows if img in keep and img not in images})
     if missing:
         raise DataFormatError(
@@ -228,6 +237,7 @@ def convert_easy_vqa(
     source: str | os.PathLike | None = None,
     train_images: int | None = None,
     test_images: int | None = None,
+    valid_images: int = 0,
 ) -> dict[str, Any]:
     """Write the demo data set (see the module docstring) to ``out``.
 
@@ -236,6 +246,8 @@ def convert_easy_vqa(
             requested counts removed).
         source: a folder in the package's ``data`` layout; default the installed package's.
         train_images / test_images: keep images ``0 .. N-1`` of the split and their questions (None: all).
+        valid_images: hold out the next ``V`` train images (``N .. N+V-1``; needs ``train_images``) as
+            ``valid.json``; 0: no validation split.
 
     Returns:
         the manifest (also written to ``out/manifest.json``): counts per split, files, package version.
@@ -251,13 +263,24 @@ def convert_easy_vqa(
     for name, n in (("train_images", train_images), ("test_images", test_images)):
         if n is not None and n < 1:
             raise ValueError(f"{name} must be at least 1 (got {n})")
+    if valid_images < 0 or (valid_images and train_images is None):
+        raise ValueError(
+            f"valid_images={valid_images}: give a count >= 0, held out after the first train_images train images"
+        )
     answers = _read_answers(src)
     version = easy_vqa_version() if source is None else None
     out.mkdir(parents=True, exist_ok=True)
 
-    train_items, _, n_train = _split(src, out, "train", train_images, answers)
+    all_train, _, n_train = _split(src, out, "train", train_images, answers, held_out=valid_images)
+    held = {f"train/{n}" for n in range(n_train, n_train + valid_images)}
+    train_items = [it for it in all_train if it["img_id"] not in held]
+    valid_items = [it for it in all_train if it["img_id"] in held]
     test_items, test_rows, n_test = _split(src, out, "test", test_images, answers)
     write_items(out / "train.json", train_items)
+    if valid_images:
+        write_items(out / "valid.json", valid_items)
+    elif (out / "valid.json").exists():  # a rerun without a validation split must not leave an old one
+        (out / "valid.json").unlink()
     write_items(out / "test.json", test_items)
     questions, annotations = _official_files(test_items, test_rows, version)
     write_json(out / "test_questions.json", questions, indent=None)
@@ -283,20 +306,29 @@ def convert_easy_vqa(
             counts[it["question_type"]] = counts.get(it["question_type"], 0) + 1
         return dict(sorted(counts.items()))
 
+    splits = {
+        "train": {"images": n_train, "questions": len(train_items), "types": count_types(train_items)},
+        "test": {"images": n_test, "questions": len(test_items), "types": count_types(test_items)},
+    }
+    files = {"train": "train.json", "test": "test.json"}
+    if valid_images:
+        splits["valid"] = {
+            "images": valid_images,
+            "questions": len(valid_items),
+            "types": count_types(valid_items),
+            "held_out": f"train images {n_train}..{n_train + valid_images - 1}",
+        }
+        files["valid"] = "valid.json"
     manifest = {
         "source": str(src),
         "easy_vqa_version": version,
         "images_dir": "images",
         "image_ids": "--id-from relpath: '<split>/<n>' for images/<split>/<n>.png",
         "answers": len(answers),
-        "splits": {
-            "train": {"images": n_train, "questions": len(train_items), "types": count_types(train_items)},
-            "test": {"images": n_test, "questions": len(test_items), "types": count_types(test_items)},
-        },
+        "splits": splits,
         "test_question_id_offset": TEST_QUESTION_ID_OFFSET,
         "files": {
-            "train": "train.json",
-            "test": "test.json",
+            **files,
             "test_questions": "test_questions.json",
             "test_annotations": "test_annotations.json",
             "pretrain": "pretrain.json",

@@ -2,11 +2,11 @@
 
 ::
 
-    lxmert-serve --model runs/demo/vqa/final --random-weights --config vg_tiny --min-size 224 --max-size 224
+    lxmert-serve --model runs/demo/vqa/final        # the detector as the model folder's extractor.json records
     lxmert-serve --model runs/vqa/best --weights faster_rcnn_from_caffe_attr.pkl --port 7860 --max-batch 16
 
 Then open http://127.0.0.1:7860/ (the page) or script against ``POST /api/answer`` (see :mod:`tasks.serve.app`).
-The detector flags are ``lxmert-answer``'s. Binds to 127.0.0.1 unless ``--host`` says otherwise. Exit codes: 0
+The detector flags are ``lxmert-answer``'s: left out, they come from the model folder's ``extractor.json``. Binds to 127.0.0.1 unless ``--host`` says otherwise. Exit codes: 0
 stopped cleanly, 2 refused before serving (model, weights, answer table, arguments).
 """
 
@@ -22,7 +22,12 @@ from typing import Any
 import uvicorn
 
 from tasks.answer.answerer import Answerer
-from tasks.answer.cli import add_answerer_arguments, extract_config_from_args
+from tasks.answer.cli import (
+    add_answerer_arguments,
+    describe_extractor,
+    extract_config_from_args,
+    unset_namespace,
+)
 from tasks.answer.results import AnswerSetupError
 from tasks.serve.app import create_app
 from tasks.serve.uploads import ImageStore, UploadLimits, find_examples
@@ -79,17 +84,17 @@ def default_examples(model: str) -> Path | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv, namespace=unset_namespace())
     problems = [
-        f"--{k} must be > 0"
+        f"--{k.replace('_', '-')} must be > 0"
         for k in ("max_batch", "max_upload_mb", "max_megapixels")
         if getattr(args, k) <= 0
     ]
     if not 0 < args.port < 65536:
         problems.append(f"--port {args.port} is not a port number")
     try:
-        config = extract_config_from_args(args)
-    except ValueError as e:
+        config, _ = extract_config_from_args(parser, args)
+    except (ValueError, AnswerSetupError) as e:
         problems.append(str(e))
     if problems:
         parser.print_usage(sys.stderr)
@@ -113,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = AnswerWorker(answerer, max_batch=args.max_batch)
     store = ImageStore(limits)
     app = create_app(worker, store, model_info(answerer, args.model), examples)
+    print(f"{PROG}: detector: {describe_extractor(config)}")
     print(f"{PROG}: serving {args.model} on http://{args.host}:{args.port}/ ({len(examples)} example images)")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

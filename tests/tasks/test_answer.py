@@ -228,7 +228,7 @@ def test_images_of_a_batch_go_through_the_detector_together(
 
 
 # ----------------------------------------------------------------------------------------------- CLI
-def test_cli_json_and_picture_of_the_image_size(built: dict, tmp_path: Path, capsys) -> None:
+def test_cli_json_and_picture_of_the_image_enlarged(built: dict, tmp_path: Path, capsys) -> None:
     picture = tmp_path / "seen.png"
     code = main(
         [str(built["image"]), QUESTION, *_cli_args(built, "--json", "--top-k", "2", "--draw", str(picture))]
@@ -242,9 +242,9 @@ def test_cli_json_and_picture_of_the_image_size(built: dict, tmp_path: Path, cap
     assert len(result["regions"]) == 36
     assert set(result["regions"][0]) == {"box", "object", "attribute", "attention"}
     with Image.open(picture) as img:
-        assert img.size == (90, 60)
+        assert img.size == (540, 360)  # 90x60 enlarged 6 times: the long side reaches 512
         pixels = np.asarray(img.convert("RGB"))
-    original = np.asarray(Image.open(built["image"]).convert("RGB"))
+    original = np.asarray(Image.open(built["image"]).convert("RGB")).repeat(6, 0).repeat(6, 1)
     assert not np.array_equal(pixels, original)  # shaded and labelled
     assert "loaded in" in err and "per question" in err
 
@@ -260,7 +260,7 @@ def test_picture_of_an_exif_rotated_photo_is_upright(built: dict, answerer: Answ
     record, _ = answerer.regions(photo)
     assert (record["img_h"], record["img_w"]) == (90, 60)
     assert max(r.box[2] for r in result.regions) <= 60 and max(r.box[3] for r in result.regions) <= 90
-    out = draw_result(result, tmp_path / "rotated_seen.jpg")
+    out = draw_result(result, tmp_path / "rotated_seen.jpg", min_long_side=1)
     with Image.open(out) as img:
         assert img.size == (60, 90)
 

@@ -523,6 +523,23 @@ def test_easy_vqa_conversion(tmp_path):
     assert sorted(p.name for p in (out / "images" / "train").iterdir()) == ["0.png"]
 
 
+def test_easy_vqa_valid_split_holds_out_the_next_train_images(tmp_path):
+    src = make_easy_vqa(tmp_path / "src")
+    out = tmp_path / "out"
+    manifest = convert_easy_vqa(out, source=src, train_images=1, valid_images=1)
+    train = json.loads((out / "train.json").read_text())
+    valid = json.loads((out / "valid.json").read_text())
+    assert {it["img_id"] for it in train} == {"train/0"} and {it["img_id"] for it in valid} == {"train/1"}
+    assert [it["img_id"] for it in json.loads((out / "pretrain.json").read_text())] == ["train/0"]
+    assert sorted(p.name for p in (out / "images" / "train").iterdir()) == ["0.png", "1.png"]
+    assert manifest["splits"]["valid"]["questions"] == len(valid) == 2
+    assert manifest["splits"]["train"]["images"] == 1 and manifest["files"]["valid"] == "valid.json"
+    with pytest.raises(ValueError, match="3 train images .* 2 for training and 2 held out"):
+        convert_easy_vqa(out, source=src, train_images=2, valid_images=2)
+    convert_easy_vqa(out, source=src, train_images=1)  # no validation split: no stale valid.json
+    assert not (out / "valid.json").exists()
+
+
 def test_easy_vqa_bad_input(tmp_path, capsys):
     src = make_easy_vqa(tmp_path / "src")
     rows = json.loads((src / "train" / "questions.json").read_text())

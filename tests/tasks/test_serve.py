@@ -234,8 +234,8 @@ def test_health_answers_while_a_slow_batch_runs(answerer: Answerer, built: dict,
 
 
 def test_cli_refuses_bad_arguments_before_loading(built: dict, capsys) -> None:
-    assert serve_main(["--model", str(built["model_dir"]), "--config", "vg_tiny"]) == 2
-    assert "--weights FILE is required" in capsys.readouterr().err
+    assert serve_main(["--model", str(built["model_dir"]), "--max-batch", "0"]) == 2
+    assert "--max-batch must be > 0" in capsys.readouterr().err
     assert serve_main(["--model", str(built["model_dir"]), "--random-weights", "--port", "70000"]) == 2
     assert "is not a port number" in capsys.readouterr().err
     assert (
