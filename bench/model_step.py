@@ -143,6 +143,9 @@ def worker(args: argparse.Namespace) -> None:
         tune_cpu_allocator()
     model, optimizer = build(args.impl, device, args.compile, args.task)
     batch = make_batch(args.batch, args.tokens, args.regions, device, task=args.task)
+    if args.impl.startswith("ours") and args.task == "pretrain":
+        # What our pretraining passes (tasks/pretrain/task.py): MLM logits at the labelled tokens only.
+        batch = {**batch, "mlm_logits_at_labels_only": True}
     autocast = (
         torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
         if args.dtype == "bf16"

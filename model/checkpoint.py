@@ -247,12 +247,16 @@ def infer_config(state: dict[str, Tensor], source: str = "<state dict>") -> Lxme
 # Loading into a model
 # --------------------------------------------------------------------------------------------------------------
 def load_state_dict_into(
-    model: torch.nn.Module, hf_state: dict[str, Tensor], fmt: str, source: str = "<state dict>"
+    model: torch.nn.Module,
+    hf_state: dict[str, Tensor],
+    fmt: str,
+    source: str = "<state dict>",
+    strict_backbone: bool = True,
 ) -> LoadReport:
     """Copy a Hugging Face-named state dict (see :func:`to_hf_state_dict`) into ``model``.
 
     Backbone weights must all be present with the right shapes, otherwise ``ValueError`` (nothing is half
-    loaded silently); head weights that are missing or of another shape are reported and left initialised. The
+    loaded silently; ``strict_backbone=False``: reported only, as ``transformers`` does); head weights that are missing or of another shape are reported and left initialised. The
     answer head (``answer_head.logit_fc``, one MLP) loads whole or not at all (the rest: ``report.defaulted``).
     """
     prefix = getattr(model, "backbone_prefix", "lxmert.")
@@ -286,7 +290,7 @@ def load_state_dict_into(
 
     bad_missing = [k for k in report.missing if is_backbone(k)]
     bad_shape = [m for m in report.mismatched if is_backbone(m[0])]
-    if bad_missing or bad_shape:
+    if (bad_missing or bad_shape) and strict_backbone:
         details = []
         if bad_missing:
             details.append(f"{len(bad_missing)} backbone weights missing: {_short(bad_missing)}")
@@ -331,14 +335,22 @@ def load_pretrained(
     torch_dtype: torch.dtype | str | None = None,
     output_loading_info: bool = False,
     device_map: str | torch.device | int | None = None,
+    ignore_mismatched_sizes: bool = True,  # noqa: ARG001 (always: heads of another shape stay initialised)
     **kwargs: Any,
 ) -> Any:
     """Build ``cls`` from any recognised checkpoint at ``path`` (see the module docstring) or from
     ``state_dict``; a BERT checkpoint gives the language side only (:mod:`model.bert_init`). The keywords are
     ``transformers``' (see :meth:`model.LxmertPreTrainedModel.from_pretrained`); the others must be config
-    fields (``TypeError`` naming them otherwise)."""
+    fields (``TypeError`` naming them otherwise). With ``output_loading_info=True`` the caller reads what loaded:
+    a backbone that does not load is then reported there (as ``transformers``), not raised."""
     from .bert_init import is_bert_checkpoint, lxmert_from_bert  # bert_init builds on this module's helpers
 
+    if torch.get_default_device().type == "meta":
+        raise RuntimeError(
+            "You are using `from_pretrained` with a meta device context manager or "
+            "`torch.set_default_device('meta')`; build the model on a real device (or use `device_map`)"
+        )
+    strict = not output_loading_info
     if model_args:
         raise TypeError(
             f"from_pretrained({path}): positional model arguments {model_args!r} are not supported"
@@ -360,27 +372,37 @@ def load_pretrained(
         file_config = None
         if path is not None:
             _, file_config, _ = read_checkpoint(path, map_location)
-        state, fmt = to_hf_state_dict(state_dict, "state_dict=")
-        model = build_from_state_dict(cls, state, fmt, "state_dict=", config or file_config, **kwargs)
+        state, fmt = _to_hf_or_raw(state_dict, "state_dict=", strict)
+        model = build_from_state_dict(cls, state, fmt, "state_dict=", config or file_config, strict, **kwargs)
     elif path is None:
         raise ValueError("from_pretrained: give a checkpoint path / Hub id, or state_dict=")
     elif is_bert_checkpoint(path):
         model = lxmert_from_bert(cls, path, config, map_location, **kwargs)
     else:
         raw, file_config, container = read_checkpoint(path, map_location)
-        state, fmt = to_hf_state_dict(raw, container)
-        model = build_from_state_dict(cls, state, fmt, container, config or file_config, **kwargs)
+        state, fmt = _to_hf_or_raw(raw, container, strict)
+        model = build_from_state_dict(cls, state, fmt, container, config or file_config, strict, **kwargs)
     _apply_dtype_and_device(model, dtype if dtype is not None else torch_dtype, device_map, path)
     model.eval()  # as transformers: a loaded model starts in evaluation mode
     if output_loading_info:
         report = model.load_report
-        return model, {
-            "missing_keys": list(report.missing),
-            "unexpected_keys": list(report.unexpected),
-            "mismatched_keys": list(report.mismatched),
+        return model, {  # sets, as transformers
+            "missing_keys": set(report.missing),
+            "unexpected_keys": set(report.unexpected),
+            "mismatched_keys": set(report.mismatched),
             "error_msgs": [],
         }
     return model
+
+
+def _to_hf_or_raw(state: dict[str, Tensor], source: str, strict: bool) -> tuple[dict[str, Tensor], str]:
+    """:func:`to_hf_state_dict`; not strict, tensors without any LXMERT key are kept as they are (all unused)."""
+    try:
+        return to_hf_state_dict(state, source)
+    except ValueError:
+        if strict:
+            raise
+        return dict(state), "unknown"
 
 
 def _apply_dtype_and_device(model: Any, dtype: Any, device_map: Any, source: Any) -> None:
@@ -414,6 +436,7 @@ def build_from_state_dict(
     fmt: str,
     source: str,
     config: LxmertConfig | None = None,
+    strict_backbone: bool = True,
     **config_overrides: Any,
 ) -> Any:
     """Build ``cls`` (config given or inferred from ``state``), load ``state``, attach and log the report."""
@@ -426,7 +449,7 @@ def build_from_state_dict(
                 f"from_pretrained({source}): {err}; valid names are LxmertConfig fields"
             ) from None
     model = cls(config)
-    report = load_state_dict_into(model, state, fmt, source)
+    report = load_state_dict_into(model, state, fmt, source, strict_backbone)
     model.load_report = report
     (logger.info if report.complete else logger.warning)("%s", report.summary())
     return model

@@ -112,7 +112,7 @@ def test_from_pretrained_keywords(tiny_config, tmp_path):
     model, info = LxmertForQuestionAnswering.from_pretrained(
         pretrained_model_name_or_path=tmp_path, output_loading_info=True
     )
-    assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and not model.training
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and not model.training
     state = {k: torch.zeros_like(v) for k, v in ours.state_dict().items()}
     zeros = LxmertForQuestionAnswering.from_pretrained(tmp_path, state_dict=state)
     assert all(torch.count_nonzero(v) == 0 for v in zeros.state_dict().values())
