@@ -156,6 +156,9 @@ def worker(args: argparse.Namespace) -> None:
         tune_cpu_allocator()
     model, optimizer = build(args.impl, device, args.compile, args.task, args.graph)
     batch = make_batch(args.batch, args.tokens, args.regions, device, task=args.task)
+    if args.impl.startswith("ours") and args.task == "pretrain":
+        # What our pretraining passes (tasks/pretrain/task.py): MLM logits at the labelled tokens only.
+        batch = {**batch, "mlm_logits_at_labels_only": True}
     autocast = (
         # a captured graph replays its casts: autocast's weight-cast cache must stay off there
         torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, cache_enabled=not args.graph)

@@ -28,7 +28,6 @@ field) that does not fit.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -43,7 +42,7 @@ from common.hub import hub_snapshot, is_hub_id
 from common.state_dict import LoadReport, read_safetensors, read_torch, unwrap_state_dict
 
 from .checkpoint import TIED_DECODER_KEY, _layer_norm_names, _strip_wrappers
-from .config import LxmertConfig
+from .config import LxmertConfig, config_fields, replace_config
 
 logger = logging.getLogger(__name__)
 
@@ -287,7 +286,7 @@ def _config_from_bert(state: dict[str, Tensor], bert: dict[str, Any] | None) -> 
         "type_vocab_size": state["bert.embeddings.token_type_embeddings.weight"].shape[0],
         "intermediate_size": state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
     }
-    names = {f.name for f in dataclasses.fields(LxmertConfig)}
+    names = config_fields()
     for key in ("num_attention_heads", "hidden_act", "layer_norm_eps", "initializer_range"):
         if bert and key in bert and key in names:
             fields[key] = bert[key]
@@ -307,7 +306,7 @@ def lxmert_from_bert(
     state, bert_config, source = read_bert(path, map_location)
     config = config or _config_from_bert(state, bert_config)
     if config_overrides:
-        config = dataclasses.replace(config, **config_overrides)
+        config = replace_config(config, **config_overrides)
     model = cls(config)
     report = _load_bert(model, path, state, bert_config, source)
     model.load_report = report

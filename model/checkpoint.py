@@ -21,7 +21,6 @@ wrapped as ``{"model": state_dict, ...}`` / ``{"state_dict": ...}``. Torch pickl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -34,7 +33,7 @@ from torch import Tensor
 from common.hub import hub_snapshot, is_hub_id
 from common.state_dict import LoadReport, read_safetensors, read_torch, unwrap_state_dict
 
-from .config import LxmertConfig
+from .config import LxmertConfig, config_fields, load_config, replace_config
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +91,10 @@ def read_checkpoint(
                 f"{path}: {weights.name} without {CONFIG_NAME}; add the config.json that came with the weights "
                 "or pass the weights file itself (sizes are then inferred from the tensors)"
             )
-        config = LxmertConfig.load(config_path)
+        config = load_config(config_path)
         return _read_weights_file(weights, map_location), config, f"{path}/{{{CONFIG_NAME},{weights.name}}}"
     sibling = path.parent / CONFIG_NAME
-    config = (
-        LxmertConfig.load(sibling) if path.suffix in (".safetensors", ".bin") and sibling.is_file() else None
-    )
+    config = load_config(sibling) if path.suffix in (".safetensors", ".bin") and sibling.is_file() else None
     return _read_weights_file(path, map_location), config, str(path)
 
 
@@ -250,12 +247,16 @@ def infer_config(state: dict[str, Tensor], source: str = "<state dict>") -> Lxme
 # Loading into a model
 # --------------------------------------------------------------------------------------------------------------
 def load_state_dict_into(
-    model: torch.nn.Module, hf_state: dict[str, Tensor], fmt: str, source: str = "<state dict>"
+    model: torch.nn.Module,
+    hf_state: dict[str, Tensor],
+    fmt: str,
+    source: str = "<state dict>",
+    strict_backbone: bool = True,
 ) -> LoadReport:
     """Copy a Hugging Face-named state dict (see :func:`to_hf_state_dict`) into ``model``.
 
     Backbone weights must all be present with the right shapes, otherwise ``ValueError`` (nothing is half
-    loaded silently); head weights that are missing or of another shape are reported and left initialised. The
+    loaded silently; ``strict_backbone=False``: reported only, as ``transformers`` does); head weights that are missing or of another shape are reported and left initialised. The
     answer head (``answer_head.logit_fc``, one MLP) loads whole or not at all (the rest: ``report.defaulted``).
     """
     prefix = getattr(model, "backbone_prefix", "lxmert.")
@@ -289,7 +290,7 @@ def load_state_dict_into(
 
     bad_missing = [k for k in report.missing if is_backbone(k)]
     bad_shape = [m for m in report.mismatched if is_backbone(m[0])]
-    if bad_missing or bad_shape:
+    if (bad_missing or bad_shape) and strict_backbone:
         details = []
         if bad_missing:
             details.append(f"{len(bad_missing)} backbone weights missing: {_short(bad_missing)}")
@@ -312,22 +313,121 @@ def load_state_dict_into(
     return report
 
 
+#: ``transformers.from_pretrained`` keywords that only concern downloading / remote code: accepted, not needed.
+_IGNORED_KEYWORDS = {
+    "cache_dir",
+    "force_download",
+    "local_files_only",
+    "token",
+    "revision",
+    "trust_remote_code",
+}
+
+
 def load_pretrained(
     cls: type,
-    path: str | Path,
+    path: str | Path | None,
+    *model_args: Any,
     config: LxmertConfig | None = None,
     map_location: str | torch.device = "cpu",
-    **config_overrides: Any,
+    state_dict: dict[str, Tensor] | None = None,
+    dtype: torch.dtype | str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    output_loading_info: bool = False,
+    device_map: str | torch.device | int | None = None,
+    ignore_mismatched_sizes: bool = True,  # noqa: ARG001 (always: heads of another shape stay initialised)
+    **kwargs: Any,
 ) -> Any:
-    """Build ``cls`` from any recognised checkpoint at ``path`` (see the module docstring); a BERT checkpoint
-    gives the language side only (:mod:`model.bert_init`)."""
+    """Build ``cls`` from any recognised checkpoint at ``path`` (see the module docstring) or from
+    ``state_dict``; a BERT checkpoint gives the language side only (:mod:`model.bert_init`). The keywords are
+    ``transformers``' (see :meth:`model.LxmertPreTrainedModel.from_pretrained`); the others must be config
+    fields (``TypeError`` naming them otherwise). With ``output_loading_info=True`` the caller reads what loaded:
+    a backbone that does not load is then reported there (as ``transformers``), not raised."""
     from .bert_init import is_bert_checkpoint, lxmert_from_bert  # bert_init builds on this module's helpers
 
-    if is_bert_checkpoint(path):
-        return lxmert_from_bert(cls, path, config, map_location, **config_overrides)
-    raw, file_config, container = read_checkpoint(path, map_location)
-    state, fmt = to_hf_state_dict(raw, container)
-    return build_from_state_dict(cls, state, fmt, container, config or file_config, **config_overrides)
+    if torch.get_default_device().type == "meta":
+        raise RuntimeError(
+            "You are using `from_pretrained` with a meta device context manager or "
+            "`torch.set_default_device('meta')`; build the model on a real device (or use `device_map`)"
+        )
+    strict = not output_loading_info
+    if model_args:
+        raise TypeError(
+            f"from_pretrained({path}): positional model arguments {model_args!r} are not supported"
+        )
+    if config is not None and not isinstance(config, LxmertConfig):
+        raise TypeError(
+            f"from_pretrained({path}): config must be a transformers.LxmertConfig, got {type(config).__name__}"
+        )
+    for name in _IGNORED_KEYWORDS & set(kwargs):
+        kwargs.pop(name)
+    kwargs.pop("attn_implementation", None)  # one attention implementation (model/execution.py picks kernels)
+    unknown = sorted(set(kwargs) - config_fields())
+    if unknown:
+        raise TypeError(
+            f"from_pretrained({path}): unknown keyword(s) {unknown}; give transformers.LxmertConfig fields, "
+            "config=, state_dict=, dtype=, output_loading_info=, device_map= or map_location="
+        )
+    if state_dict is not None:
+        file_config = None
+        if path is not None:
+            _, file_config, _ = read_checkpoint(path, map_location)
+        state, fmt = _to_hf_or_raw(state_dict, "state_dict=", strict)
+        model = build_from_state_dict(cls, state, fmt, "state_dict=", config or file_config, strict, **kwargs)
+    elif path is None:
+        raise ValueError("from_pretrained: give a checkpoint path / Hub id, or state_dict=")
+    elif is_bert_checkpoint(path):
+        model = lxmert_from_bert(cls, path, config, map_location, **kwargs)
+    else:
+        raw, file_config, container = read_checkpoint(path, map_location)
+        state, fmt = _to_hf_or_raw(raw, container, strict)
+        model = build_from_state_dict(cls, state, fmt, container, config or file_config, strict, **kwargs)
+    _apply_dtype_and_device(model, dtype if dtype is not None else torch_dtype, device_map, path)
+    model.eval()  # as transformers: a loaded model starts in evaluation mode
+    if output_loading_info:
+        report = model.load_report
+        return model, {  # sets, as transformers
+            "missing_keys": set(report.missing),
+            "unexpected_keys": set(report.unexpected),
+            "mismatched_keys": set(report.mismatched),
+            "error_msgs": [],
+        }
+    return model
+
+
+def _to_hf_or_raw(state: dict[str, Tensor], source: str, strict: bool) -> tuple[dict[str, Tensor], str]:
+    """:func:`to_hf_state_dict`; not strict, tensors without any LXMERT key are kept as they are (all unused)."""
+    try:
+        return to_hf_state_dict(state, source)
+    except ValueError:
+        if strict:
+            raise
+        return dict(state), "unknown"
+
+
+def _apply_dtype_and_device(model: Any, dtype: Any, device_map: Any, source: Any) -> None:
+    """``dtype`` (``torch.dtype``, its name, or ``"auto"``: the config's ``dtype``, else float32) and one device
+    (``device_map``: a device, its name or index, or ``"auto"`` = CUDA when available)."""
+    if dtype == "auto":
+        dtype = getattr(model.config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(
+                f"from_pretrained({source}): dtype {dtype!r} is no torch dtype (e.g. 'bfloat16')"
+            )
+        dtype = resolved
+    if dtype is not None:
+        model.to(dtype)
+        model.config.dtype = dtype
+    if device_map is not None:
+        if isinstance(device_map, dict):
+            raise ValueError(
+                f"from_pretrained({source}): a per-module device_map is not supported; give one device"
+            )
+        if device_map == "auto":
+            device_map = "cuda" if torch.cuda.is_available() else "cpu"
+        model.to(torch.device(device_map))
 
 
 def build_from_state_dict(
@@ -336,19 +436,20 @@ def build_from_state_dict(
     fmt: str,
     source: str,
     config: LxmertConfig | None = None,
+    strict_backbone: bool = True,
     **config_overrides: Any,
 ) -> Any:
     """Build ``cls`` (config given or inferred from ``state``), load ``state``, attach and log the report."""
     config = config or infer_config(state, source)
     if config_overrides:
         try:
-            config = dataclasses.replace(config, **config_overrides)
+            config = replace_config(config, **config_overrides)
         except TypeError as err:
             raise TypeError(
                 f"from_pretrained({source}): {err}; valid names are LxmertConfig fields"
             ) from None
     model = cls(config)
-    report = load_state_dict_into(model, state, fmt, source)
+    report = load_state_dict_into(model, state, fmt, source, strict_backbone)
     model.load_report = report
     (logger.info if report.complete else logger.warning)("%s", report.summary())
     return model
@@ -358,10 +459,12 @@ def build_from_state_dict(
 # Saving
 # --------------------------------------------------------------------------------------------------------------
 def save_pretrained(model: Any, save_directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (Hugging Face's layout and names) into the directory.
+    """Write ``config.json`` and ``model.safetensors`` (``transformers``' layout and names) into the directory.
 
-    The tied MLM decoder weight is not stored (Hugging Face ties it on load, as do we).
+    The tied MLM decoder weight is not stored (``transformers`` ties it on load, as do we).
     """
+    import copy
+
     from safetensors.torch import save_file
 
     directory = Path(save_directory)
@@ -370,9 +473,10 @@ def save_pretrained(model: Any, save_directory: str | Path) -> Path:
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop(TIED_DECODER_KEY, None)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    config = dataclasses.replace(model.config, architectures=[model.hf_architecture])
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
     tmp = directory / (WEIGHTS_NAME + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(directory / WEIGHTS_NAME)
-    config.save(directory / CONFIG_NAME)
+    config.to_json_file(directory / CONFIG_NAME)
     return directory

@@ -26,16 +26,23 @@ Shapes: ``B`` batch, ``L`` tokens, ``V`` regions (36), ``H`` hidden (768), ``F``
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, fields
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.lxmert import modeling_lxmert as hf_lxmert
 
-from .config import LxmertConfig
+from .config import LxmertConfig, check_config, head_dim, layer_norm_eps
 from .execution import (
     FULL_PLAN,
     Dropout,
@@ -63,22 +70,9 @@ _ACTIVATIONS = {
 # --------------------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------------------
-class _Output:
-    """Dataclass outputs that also index like Hugging Face's ``ModelOutput`` (``out[0]``, ``out["loss"]``)."""
-
-    def to_tuple(self) -> tuple[Any, ...]:
-        """The non-``None`` fields in declaration order (Hugging Face's ``return_dict=False`` tuple)."""
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def __getitem__(self, key: int | slice | str) -> Any:
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-
 @dataclass
-class LxmertModelOutput(_Output):
-    """Backbone outputs.
+class LxmertModelOutput(hf_lxmert.LxmertModelOutput):
+    """Backbone outputs: ``transformers``' fields (a dict-like ``ModelOutput``), plus ``language_rows_output``.
 
     - ``language_output`` ``(B, L, H)``, ``vision_output`` ``(B, V, H)``: last cross-modality layer. ``None``
       where the call said it does not read them (``language_rows`` / ``vision_output=False`` of
@@ -88,19 +82,22 @@ class LxmertModelOutput(_Output):
       ``vision_hidden_states``: each relationship layer then each cross-modality layer (vision side).
     - ``language_attentions`` / ``vision_attentions`` / ``cross_encoder_attentions``: softmax probabilities
       ``(B, heads, Lq, Lk)`` per layer (cross: language queries over regions), when asked for.
-    - ``language_rows_output`` ``(N, H)``: the last layer's language output at the flat ``B * L`` indices
+    - ``language_rows_output`` ``(N, H)`` (ours): the last layer's language output at the flat ``B * L`` indices
       ``language_rows`` ``(N,)`` given to :meth:`LxmertModel.forward`, in their order (None without them).
+
+    ``to_tuple()`` (and ``return_dict=False``) gives ``transformers``' items only; our extras are keys.
     """
 
-    language_output: Tensor | None = None
-    vision_output: Tensor | None = None
-    pooled_output: Tensor | None = None
-    language_hidden_states: tuple[Tensor, ...] | None = None
-    vision_hidden_states: tuple[Tensor, ...] | None = None
-    language_attentions: tuple[Tensor, ...] | None = None
-    vision_attentions: tuple[Tensor, ...] | None = None
-    cross_encoder_attentions: tuple[Tensor, ...] | None = None
     language_rows_output: Tensor | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _hf_tuple(self, hf_lxmert.LxmertModelOutput)
+
+
+def _hf_tuple(output: ModelOutput, hf_class: type) -> tuple[Any, ...]:
+    """The non-``None`` values of ``hf_class``'s fields in order: ``transformers``' ``return_dict=False`` tuple."""
+    names = [f.name for f in dataclasses.fields(hf_class)]
+    return tuple(output[k] for k in names if k in output.keys())
 
 
 @dataclass
@@ -123,46 +120,35 @@ class LxmertEncoderOutput:
 
 
 @dataclass
-class LxmertForPreTrainingOutput(_Output):
-    """Pretraining outputs (Hugging Face field names, plus ``masked_lm_index`` and ``losses``).
+class LxmertForPreTrainingOutput(hf_lxmert.LxmertForPreTrainingOutput):
+    """Pretraining outputs: ``transformers``' fields, plus ``masked_lm_index`` and ``losses`` (ours).
 
     - ``loss``: scalar, sum of the enabled task losses (``None`` without any labels).
-    - ``prediction_logits``: ``(B, L, vocab)`` over all tokens, or, when MLM ran only at labelled
-      positions, ``(N, vocab)`` at the flat token indices ``masked_lm_index`` ``(N,)`` into ``B * L``.
+    - ``prediction_logits``: ``(B, L, vocab)`` over all tokens (the default), or, under
+      ``mlm_logits_at_labels_only=True`` with MLM labels, ``(N, vocab)`` at the flat token indices
+      ``masked_lm_index`` ``(N,)`` into ``B * L``.
     - ``cross_relationship_score`` ``(B, 2)``: matching logits (1 = sentence matches the image).
     - ``question_answering_score`` ``(B, num_qa_labels)``.
-    - ``losses``: the individual (undetached) task losses by name: ``mlm``, ``matched``, ``obj``, ``attr``,
-      ``feat``, ``qa``.
+    - ``losses`` (ours): the individual (undetached) task losses by name: ``mlm``, ``matched``, ``obj``,
+      ``attr``, ``feat``, ``qa`` (those with labels).
+
+    ``to_tuple()`` (and ``return_dict=False``) gives ``transformers``' items only; our extras are keys.
     """
 
-    loss: Tensor | None = None
-    prediction_logits: Tensor | None = None
-    cross_relationship_score: Tensor | None = None
-    question_answering_score: Tensor | None = None
-    language_hidden_states: tuple[Tensor, ...] | None = None
-    vision_hidden_states: tuple[Tensor, ...] | None = None
-    language_attentions: tuple[Tensor, ...] | None = None
-    vision_attentions: tuple[Tensor, ...] | None = None
-    cross_encoder_attentions: tuple[Tensor, ...] | None = None
     masked_lm_index: Tensor | None = None
     losses: dict[str, Tensor] | None = None
 
-
-@dataclass
-class LxmertForQuestionAnsweringOutput(_Output):
-    """QA outputs: ``question_answering_score`` ``(B, num_qa_labels)`` and the optional loss / states."""
-
-    loss: Tensor | None = None
-    question_answering_score: Tensor | None = None
-    language_hidden_states: tuple[Tensor, ...] | None = None
-    vision_hidden_states: tuple[Tensor, ...] | None = None
-    language_attentions: tuple[Tensor, ...] | None = None
-    vision_attentions: tuple[Tensor, ...] | None = None
-    cross_encoder_attentions: tuple[Tensor, ...] | None = None
+    def to_tuple(self) -> tuple[Any, ...]:
+        return _hf_tuple(self, hf_lxmert.LxmertForPreTrainingOutput)
 
 
 @dataclass
-class LxmertForNLVR2Output(_Output):
+class LxmertForQuestionAnsweringOutput(hf_lxmert.LxmertForQuestionAnsweringOutput):
+    """QA outputs (``transformers``'): ``question_answering_score`` ``(B, num_qa_labels)``, optional loss / states."""
+
+
+@dataclass
+class LxmertForNLVR2Output(ModelOutput):
     """NLVR2 outputs: ``logits`` ``(B, 2)`` (1 = the sentence is true of the image pair) and the loss."""
 
     loss: Tensor | None = None
@@ -207,7 +193,7 @@ class LxmertEmbeddings(nn.Module):
             config.max_position_embeddings, config.hidden_size, padding_idx=0
         )
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size, padding_idx=0)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=layer_norm_eps(config))
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(
@@ -239,7 +225,7 @@ class LxmertAttention(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.num_attention_heads = config.num_attention_heads
-        self.attention_head_size = config.head_dim
+        self.attention_head_size = head_dim(config)
         self.query = Linear(config.hidden_size, config.hidden_size)
         self.key = Linear(config.hidden_size, config.hidden_size)
         self.value = Linear(config.hidden_size, config.hidden_size)
@@ -306,7 +292,7 @@ class LxmertResidualOutput(nn.Module):
     def __init__(self, config: LxmertConfig, in_features: int) -> None:
         super().__init__()
         self.dense = Linear(in_features, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=layer_norm_eps(config))
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: Tensor, input_tensor: Tensor) -> Tensor:
@@ -412,7 +398,7 @@ class LxmertOutput(LxmertResidualOutput):
         super().__init__(config, config.intermediate_size)
 
 
-class LxmertLayer(nn.Module):
+class LxmertLayer(GradientCheckpointingLayer):
     """A BERT layer (language or object-relationship encoder): self-attention then feed-forward."""
 
     def __init__(self, config: LxmertConfig) -> None:
@@ -432,7 +418,7 @@ class LxmertLayer(nn.Module):
         return self.output(self.intermediate(x), x), probs
 
 
-class LxmertXLayer(nn.Module):
+class LxmertXLayer(GradientCheckpointingLayer):
     """Cross-modality layer: shared cross-attention (both directions), then self-attention and FFN per modality."""
 
     def __init__(self, config: LxmertConfig) -> None:
@@ -484,9 +470,9 @@ class LxmertVisualFeatureEncoder(nn.Module):
     def __init__(self, config: LxmertConfig) -> None:
         super().__init__()
         self.visn_fc = Linear(config.visual_feat_dim, config.hidden_size)
-        self.visn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.visn_layer_norm = nn.LayerNorm(config.hidden_size, eps=layer_norm_eps(config))
         self.box_fc = Linear(config.visual_pos_dim, config.hidden_size)
-        self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.box_layer_norm = nn.LayerNorm(config.hidden_size, eps=layer_norm_eps(config))
         self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, visual_feats: Tensor, visual_pos: Tensor) -> Tensor:
@@ -573,7 +559,7 @@ class LxmertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = Linear(config.hidden_size, config.hidden_size)
         self.transform_act_fn = _ACTIVATIONS[config.hidden_act]
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=layer_norm_eps(config))
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         return self.LayerNorm(self.transform_act_fn(self.dense(hidden_states)))
@@ -628,7 +614,7 @@ class LxmertVisualAnswerHead(nn.Module):
         self.logit_fc = nn.Sequential(
             Linear(in_dim or config.hidden_size, hid),
             GeLU(),
-            nn.LayerNorm(hid, eps=config.layer_norm_eps),
+            nn.LayerNorm(hid, eps=layer_norm_eps(config)),
             Linear(hid, num_labels),
         )
 
@@ -660,82 +646,98 @@ class LxmertVisualObjHead(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------------
-class LxmertPreTrainedModel(nn.Module):
-    """Shared plumbing: config, weight initialisation, ``from_pretrained`` / ``save_pretrained``."""
+class LxmertPreTrainedModel(PreTrainedModel):
+    """Shared plumbing: a ``transformers.PreTrainedModel`` on ``transformers.LxmertConfig`` (weight
+    initialisation as ``transformers``' LXMERT, embeddings / QA-label resizing, gradient checkpointing of the
+    encoder layers); ``from_pretrained`` also reads the original and BERT formats (:mod:`model.checkpoint`)."""
 
+    config_class = LxmertConfig
+    base_model_prefix = "lxmert"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LxmertLayer", "LxmertXLayer"]
     #: The Hugging Face class name written to ``config.json`` ``architectures``.
     hf_architecture = "LxmertModel"
     #: Prefix of the backbone inside this model's state dict ("" for the bare backbone).
     backbone_prefix = "lxmert."
 
-    def __init__(self, config: LxmertConfig) -> None:
-        super().__init__()
-        self.config = config
+    def __init__(self, config: LxmertConfig, *inputs: Any, **kwargs: Any) -> None:
+        check_config(config, type(self).__name__)
+        super().__init__(config, *inputs, **kwargs)
         self.load_report = None
 
-    def init_weights(self) -> None:
-        """BERT initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorm, zero pad rows.
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """BERT initialisation as ``transformers``' LXMERT: N(0, initializer_range) Linear / Embedding weights,
+        zero biases and pad rows, unit LayerNorm, zero MLM bias."""
+        super()._init_weights(module)
+        if isinstance(module, LxmertLMPredictionHead):
+            init.zeros_(module.bias)
 
-        Each module is initialised once: a backbone built inside a head model was initialised by its own
-        constructor, and the head model's call initialises only the heads.
-        """
-        std = self.config.initializer_range
-        for module in self.modules():
-            if getattr(module, "_lxmert_initialized", False):
-                continue
-            module._lxmert_initialized = True
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-                if module.padding_idx is not None:
-                    with torch.no_grad():
-                        module.weight[module.padding_idx].zero_()
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, LxmertLMPredictionHead):
-                nn.init.zeros_(module.bias)
-        self.tie_weights()
+    # -- QA labels ---------------------------------------------------------------------------------
+    def get_qa_logit_layer(self) -> nn.Module | None:
+        """The answer head's last Linear (``answer_head.logit_fc.3``), or None without an answer head."""
+        head = getattr(self, "answer_head", None)
+        return None if head is None else head.logit_fc[-1]
 
-    def tie_weights(self) -> None:
-        """Tie output and input embeddings where the model has both (no-op otherwise)."""
+    def resize_num_qa_labels(self, num_labels: int | None) -> nn.Module | None:
+        """Resize the answer layer to ``num_labels`` outputs as ``transformers``: the first rows are kept, new
+        rows initialised; ``config.num_qa_labels`` follows. Returns the (new) layer (None: no answer head)."""
+        current = self.get_qa_logit_layer()
+        if num_labels is None or current is None:
+            return current
+        old, hidden = current.weight.shape
+        if old != num_labels:
+            new = Linear(hidden, num_labels, bias=current.bias is not None).to(
+                device=current.weight.device, dtype=current.weight.dtype
+            )
+            self._init_weights(new)
+            keep = min(old, num_labels)
+            with torch.no_grad():
+                new.weight[:keep] = current.weight[:keep]
+                if current.bias is not None:
+                    new.bias[:keep] = current.bias[:keep]
+            self.answer_head.logit_fc[-1] = new
+        self.config.num_qa_labels = num_labels
+        self.num_qa_labels = num_labels
+        return self.get_qa_logit_layer()
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
+    # -- loading / saving --------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
         cls,
-        path: str | Path,
-        config: LxmertConfig | None = None,
-        map_location: str | torch.device = "cpu",
-        **config_overrides: Any,
-    ) -> LxmertPreTrainedModel:
-        """Load any LXMERT checkpoint (format detected; see :mod:`model.checkpoint`).
+        pretrained_model_name_or_path: str | Path | None,
+        *model_args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        """Load any LXMERT checkpoint (format detected; see :mod:`model.checkpoint`), ``transformers``' keywords
+        included.
 
-        ``path``: a directory (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``: ours or Hugging
-        Face's) or one file (original ``model_LXRT.pth`` / ``EpochNN_LXRT.pth`` / fine-tuned ``BEST.pth``, a
-        ``.safetensors`` or ``.bin``). ``config``: overrides the checkpoint's config; ``config_overrides``:
-        single fields (e.g. ``num_qa_labels=3129``). The load report is kept in ``model.load_report`` and
-        logged; a backbone that does not load completely raises ``ValueError``.
+        ``pretrained_model_name_or_path``: a Hub id (``unc-nlp/lxmert-base-uncased``), a directory
+        (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``: ours or ``transformers``') or one file
+        (original ``model_LXRT.pth`` / ``EpochNN_LXRT.pth`` / fine-tuned ``BEST.pth``, ``.safetensors``, ``.bin``,
+        a BERT checkpoint). Keywords: ``config`` (a :class:`LxmertConfig` overriding the checkpoint's),
+        ``state_dict`` (tensors to load instead of the files'), ``dtype`` / ``torch_dtype`` (a ``torch.dtype``,
+        its name, or ``"auto"``), ``output_loading_info``, ``device_map`` (one device), ``map_location``, and
+        single config fields (e.g. ``num_qa_labels=3129``). The load report is kept in ``model.load_report``; a
+        backbone that does not load completely raises ``ValueError``.
         """
         from .checkpoint import load_pretrained
 
-        return load_pretrained(cls, path, config=config, map_location=map_location, **config_overrides)
+        return load_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs)
 
-    def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` in Hugging Face's layout; returns the directory."""
-        from .checkpoint import save_pretrained
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
+        """``config.json`` + ``model.safetensors`` in ``transformers``' layout (tied decoder not stored; quietly,
+        no progress bar); with ``transformers``' keywords (``safe_serialization``, ``max_shard_size`` ...)
+        ``transformers``' own saving. Returns the directory."""
+        if kwargs:
+            super().save_pretrained(save_directory, **kwargs)
+        else:
+            from .checkpoint import save_pretrained
 
-        return save_pretrained(self, save_directory)
+            save_pretrained(self, save_directory)
+        return Path(save_directory)
 
 
 class LxmertModel(LxmertPreTrainedModel):
@@ -749,10 +751,13 @@ class LxmertModel(LxmertPreTrainedModel):
         self.embeddings = LxmertEmbeddings(self.config)
         self.encoder = LxmertEncoder(self.config)
         self.pooler = LxmertPooler(self.config)
-        self.init_weights()
+        self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings.word_embeddings = new_embeddings
 
     def forward(
         self,
@@ -768,6 +773,7 @@ class LxmertModel(LxmertPreTrainedModel):
         return_dict: bool | None = None,
         language_rows: Tensor | None = None,
         vision_output: bool = True,
+        **kwargs: Any,
     ) -> LxmertModelOutput | tuple[Tensor, ...]:
         """``input_ids`` (B, L) WordPiece ids (or ``inputs_embeds`` (B, L, H)); ``visual_feats`` (B, V, F);
         ``visual_pos`` (B, V, 4) boxes in [0, 1]; ``attention_mask`` (B, L) and ``visual_attention_mask``
@@ -783,8 +789,12 @@ class LxmertModel(LxmertPreTrainedModel):
         - ``vision_output=False``: the last cross-modality layer skips its vision side; ``vision_output`` None.
 
         Both are ignored (everything is computed) when hidden states or attentions are asked for, or without
-        cross-modality layers.
+        cross-modality layers. ``output_attentions`` / ``output_hidden_states`` / ``return_dict`` default to the
+        config's, and other keywords are accepted and ignored, as in ``transformers``.
         """
+        output_attentions, output_hidden_states, return_dict = _flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("LxmertModel: give exactly one of input_ids (B, L) or inputs_embeds (B, L, H)")
         if visual_feats is None or visual_pos is None:
@@ -845,7 +855,21 @@ class LxmertModel(LxmertPreTrainedModel):
             cross_encoder_attentions=encoded.cross_attentions if output_attentions else None,
             language_rows_output=rows_output,
         )
-        return out.to_tuple() if return_dict is False else out
+        return out if return_dict else out.to_tuple()
+
+
+def _flags(
+    config: LxmertConfig,
+    output_attentions: bool | None,
+    output_hidden_states: bool | None,
+    return_dict: bool | None,
+) -> tuple[bool, bool, bool]:
+    """Forward arguments, or the config's values where ``None`` (as ``transformers``)."""
+    return (
+        bool(config.output_attentions if output_attentions is None else output_attentions),
+        bool(config.output_hidden_states if output_hidden_states is None else output_hidden_states),
+        bool(config.return_dict if return_dict is None else return_dict),
+    )
 
 
 #: ``language_rows`` of a head that reads only the pooled output (LxmertModel moves it to the inputs' device).
@@ -857,6 +881,8 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
 
     hf_architecture = "LxmertForPreTraining"
 
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "lxmert.embeddings.word_embeddings.weight"}
+
     def __init__(self, config: LxmertConfig | None = None) -> None:
         super().__init__(config or LxmertConfig())
         config = self.config
@@ -866,14 +892,36 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             self.obj_predict_head = LxmertVisualObjHead(config)
         if config.task_qa:
             self.answer_head = LxmertVisualAnswerHead(config, config.num_qa_labels)
-        self.init_weights()
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = self.lxmert.embeddings.word_embeddings.weight
+        self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.lxmert.embeddings.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.lxmert.embeddings.word_embeddings = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.cls.predictions.decoder
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.cls.predictions.decoder = new_embeddings
+
+    def resize_token_embeddings(
+        self,
+        new_num_tokens: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        mean_resizing: bool = True,
+    ) -> nn.Embedding:
+        """``transformers``' resizing, plus the MLM bias (kept rows, zeros for new tokens)."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        n = embeddings.weight.shape[0]
+        bias = self.cls.predictions.bias
+        if bias.shape[0] != n:
+            new_bias = torch.zeros(n, device=bias.device, dtype=bias.dtype)
+            keep = min(n, bias.shape[0])
+            new_bias[:keep] = bias.detach()[:keep]
+            self.cls.predictions.bias = nn.Parameter(new_bias)
+        return embeddings
 
     def forward(
         self,
@@ -891,7 +939,8 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        full_mlm_logits: bool | None = None,
+        mlm_logits_at_labels_only: bool = False,
+        **kwargs: Any,
     ) -> LxmertForPreTrainingOutput | tuple[Tensor, ...]:
         """Backbone inputs as :meth:`LxmertModel.forward`, plus the pretraining labels (Hugging Face's):
 
@@ -900,19 +949,31 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
           "feat": (features (B, V, F), weight (B, V))}``; each loss is the weighted mean over all B * V
           regions times ``visual_loss_normalizer`` (the original weights obj / attr by detector confidence).
         - ``matched_label`` (B,): 1 = sentence matches the image. ``ans`` (B,): answer index, -100 = none.
-        - ``full_mlm_logits``: ``None`` (default) computes vocabulary logits at every token without
-          ``labels`` and only at labelled tokens with them (``prediction_logits`` (N, vocab) then, with
-          ``masked_lm_index``); ``True`` forces full ``(B, L, vocab)`` logits. Under ``torch.compile`` or CUDA
-          graph capture (:func:`~model.execution.static_shapes`) the logits are always full: fixed shapes.
+        - ``mlm_logits_at_labels_only`` (ours, opt-in; our pretraining passes it): with MLM ``labels``, the
+          vocabulary logits only at the labelled tokens (``prediction_logits`` (N, vocab) then, with
+          ``masked_lm_index`` (N,)), and the backbone is told that only [CLS] and those tokens are read (see
+          :meth:`LxmertModel.forward`): the same losses, much less work. Default: ``(B, L, vocab)`` logits at
+          every token, as ``transformers``. Under ``torch.compile`` or CUDA graph capture
+          (:func:`~model.execution.static_shapes`) the logits are always full: fixed shapes.
 
-        With MLM labels the backbone is told that only [CLS] and the labelled tokens are read (see
-        :meth:`LxmertModel.forward`). On CPU the tied word-embedding / decoder matrix gets one dense gradient
+        ``masked_lm_labels`` (``transformers``' old name of ``labels``) is accepted with a warning; other keywords
+        are ignored, and ``output_*`` / ``return_dict`` default to the config's, as in ``transformers``. On CPU the tied word-embedding / decoder matrix gets one dense gradient
         (:class:`~model.execution.TiedEmbeddingGradient`), whichever losses are back-propagated.
         """
         config = self.config
+        if "masked_lm_labels" in kwargs:
+            warnings.warn(
+                "LxmertForPreTraining: masked_lm_labels is deprecated, use labels",
+                FutureWarning,
+                stacklevel=2,
+            )
+            labels = kwargs.pop("masked_lm_labels")
+        output_attentions, output_hidden_states, return_dict = _flags(
+            config, output_attentions, output_hidden_states, return_dict
+        )
         use_labels = labels is not None and config.task_mask_lm
         masked_index = None
-        if use_labels and not full_mlm_logits and not static_shapes(labels):
+        if use_labels and mlm_logits_at_labels_only and not static_shapes(labels):
             # (under torch.compile / CUDA graph capture the shapes stay fixed: logits at every token)
             flat_labels = labels.reshape(-1)
             masked_index = (flat_labels != -100).nonzero().squeeze(1)
@@ -989,7 +1050,7 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             masked_lm_index=masked_index,
             losses=losses or None,
         )
-        return result.to_tuple() if return_dict is False else result
+        return result if return_dict else result.to_tuple()
 
     def _visual_losses(self, visn: Tensor, obj_labels: dict[str, tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
         """Weighted obj / attr CE and feature SmoothL1 on ``visn`` (B, V, H); see :meth:`forward`."""
@@ -1038,7 +1099,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
         super().__init__(config or LxmertConfig())
         self.lxmert = LxmertModel(self.config)
         self.answer_head = LxmertVisualAnswerHead(self.config, self.config.num_qa_labels)
-        self.init_weights()
+        self.post_init()
 
     def forward(
         self,
@@ -1053,6 +1114,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        **kwargs: Any,
     ) -> LxmertForQuestionAnsweringOutput | tuple[Tensor, ...]:
         """Backbone inputs as :meth:`LxmertModel.forward`; ``labels`` either answer indices (B,) (cross-entropy,
         as Hugging Face) or soft scores (B, num_qa_labels) float (LXMERT's VQA / GQA loss: mean
@@ -1060,7 +1122,11 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
 
         Only [CLS] is read from the language side: the last cross-modality layer computes its language side
         there alone (and on CPU padded tokens are skipped), unless hidden states / attentions are asked for.
+        Other keywords are ignored and ``output_*`` / ``return_dict`` default to the config's, as ``transformers``.
         """
+        output_attentions, output_hidden_states, return_dict = _flags(
+            self.config, output_attentions, output_hidden_states, return_dict
+        )
         out = self.lxmert(
             input_ids=input_ids,
             visual_feats=visual_feats,
@@ -1096,7 +1162,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
             vision_attentions=out.vision_attentions,
             cross_encoder_attentions=out.cross_encoder_attentions,
         )
-        return result.to_tuple() if return_dict is False else result
+        return result if return_dict else result.to_tuple()
 
 
 class LxmertForNLVR2(LxmertPreTrainedModel):
@@ -1109,7 +1175,7 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         super().__init__(config or LxmertConfig())
         self.lxmert = LxmertModel(self.config)
         self.answer_head = LxmertVisualAnswerHead(self.config, 2, in_dim=2 * self.config.hidden_size)
-        self.init_weights()
+        self.post_init()
 
     def forward(
         self,
@@ -1121,6 +1187,7 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         token_type_ids: Tensor | None = None,
         labels: Tensor | None = None,
         return_dict: bool | None = None,
+        **kwargs: Any,
     ) -> LxmertForNLVR2Output | tuple[Tensor, ...]:
         """``input_ids`` (B, L) one sentence per pair; ``visual_feats`` (B, 2, V, F); ``visual_pos``
         (B, 2, V, 4); ``visual_attention_mask`` (B, 2, V) optional; ``labels`` (B,) 0/1."""
@@ -1150,4 +1217,5 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
         logits = self.answer_head(pooled)
         loss = None if labels is None else masked_mean_cross_entropy(logits, labels.reshape(-1))
         result = LxmertForNLVR2Output(loss=loss, logits=logits, pooled_output=pooled)
-        return result.to_tuple() if return_dict is False else result
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return result if return_dict else result.to_tuple()

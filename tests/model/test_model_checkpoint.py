@@ -16,6 +16,7 @@ from model import (
     LxmertModel,
     to_original_state_dict,
 )
+from model.config import layer_norm_eps, load_config, replace_config
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -38,9 +39,10 @@ def test_round_trip_ours_hf_ours(tiny_config, tmp_path):
     assert back.load_report.format == "hf" and back.load_report.complete
     _assert_same_weights(ours, back)
     assert back.cls.predictions.decoder.weight is back.lxmert.embeddings.word_embeddings.weight
-    assert back.config == LxmertConfig.from_dict(
-        {**tiny_config.to_dict(), "architectures": ["LxmertForPreTraining"]}
-    )
+    saved = {
+        k: v for k, v in back.config.to_diff_dict().items() if k != "dtype"
+    }  # transformers writes the dtype
+    assert saved == {**tiny_config.to_diff_dict(), "architectures": ["LxmertForPreTraining"]}
 
 
 @pytest.mark.parametrize("hf_cls_name", ["LxmertModel", "LxmertForQuestionAnswering"])
@@ -58,9 +60,7 @@ def test_hf_loads_our_backbone_and_qa(tiny_config, tmp_path, hf_cls_name):
 
 def test_bare_backbone_round_trip_and_pytorch_bin(tiny_config, tmp_path):
     torch.manual_seed(0)
-    hf = transformers.LxmertModel(
-        transformers.LxmertConfig(**{k: v for k, v in tiny_config.to_dict().items() if k != "layer_norm_eps"})
-    )
+    hf = transformers.LxmertModel(tiny_config)
     hf.save_pretrained(tmp_path / "st")
     ours = LxmertModel.from_pretrained(tmp_path / "st")
     assert ours.load_report.complete
@@ -212,15 +212,23 @@ def argparse_namespace():
 
 
 def test_config_json_both_ways(tmp_path):
-    config = LxmertConfig(l_layers=3, num_qa_labels=3129)
-    config.save(tmp_path / "config.json")
+    """One config class (transformers'): our extra setting (layer_norm_eps) survives both ways, defaults are
+    transformers', and a bad config.json gets one error naming the file."""
+    assert LxmertConfig is transformers.LxmertConfig
+    config = LxmertConfig(l_layers=3, num_qa_labels=3129, layer_norm_eps=1e-6)
+    config.save_pretrained(tmp_path)
     hf = transformers.LxmertConfig.from_pretrained(tmp_path)
-    assert (hf.l_layers, hf.num_qa_labels, hf.x_layers) == (3, 3129, 5)
+    assert (hf.l_layers, hf.num_qa_labels, hf.x_layers, hf.layer_norm_eps) == (3, 3129, 5, 1e-6)
     hf.save_pretrained(tmp_path / "hf")
-    assert LxmertConfig.load(tmp_path / "hf" / "config.json") == config
+    back = load_config(tmp_path / "hf" / "config.json")
+    assert back.to_diff_dict() == config.to_diff_dict() and layer_norm_eps(back) == 1e-6
+    assert layer_norm_eps(LxmertConfig()) == 1e-12 and LxmertConfig().visual_loss_normalizer == 6.67
+    assert replace_config(config, x_layers=2).layer_norm_eps == 1e-6
+    with pytest.raises(TypeError, match="unknown LxmertConfig field"):
+        replace_config(config, x_layer=2)
     (tmp_path / "bad.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="bad.json: model_type is 'bert'"):
-        LxmertConfig.load(tmp_path / "bad.json")
+        load_config(tmp_path / "bad.json")
 
 
 def test_hub_id_resolves_from_the_hugging_face_cache(tiny_config, tmp_path, monkeypatch):

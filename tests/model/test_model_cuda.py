@@ -29,7 +29,7 @@ def _to(x, device):
 
 def _loss_and_grads(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
-    out = model(**inputs)
+    out = model(**inputs, mlm_logits_at_labels_only=True)  # our trainer's path (its opt-in)
     out.loss.backward()
     return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 

@@ -29,9 +29,7 @@ def _pair(ours_cls, hf_cls, config: LxmertConfig, tmp_path, direction: str):
         hf, info = hf_cls.from_pretrained(tmp_path, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     else:
-        hf = hf_cls(
-            transformers.LxmertConfig(**{k: v for k, v in config.to_dict().items() if k != "layer_norm_eps"})
-        )
+        hf = hf_cls(config)
         hf.save_pretrained(tmp_path)
         ours = ours_cls.from_pretrained(tmp_path)
         assert ours.load_report.complete, ours.load_report.summary()
@@ -83,16 +81,18 @@ def test_pretraining_logits_and_loss_match_hf(tiny_config, tiny_batch, tmp_path,
         for name in ("prediction_logits", "cross_relationship_score", "question_answering_score"):
             assert _max_diff(getattr(a, name), getattr(b, name)) < TOL, name
         assert a.loss is None
-        a, b = ours(**kwargs, **labels), hf(**kwargs, **labels)
+        a, b = ours(**kwargs, **labels, mlm_logits_at_labels_only=True), hf(**kwargs, **labels)
     assert abs(a.loss.item() - b.loss.item()) < TOL * max(1.0, abs(b.loss.item()))
     assert set(a.losses) == {"mlm", "matched", "obj", "attr", "feat", "qa"}
-    # the fast MLM path: logits only at the 4 labelled tokens, equal to the full logits there
+    # the opt-in fast MLM path: logits only at the 4 labelled tokens, equal to the full logits there
     assert a.prediction_logits.shape == (4, tiny_config.vocab_size)
     flat = b.prediction_logits.reshape(-1, tiny_config.vocab_size)[a.masked_lm_index]
     assert _max_diff(a.prediction_logits, flat) < TOL
     with torch.no_grad():
-        full = ours(**kwargs, **labels, full_mlm_logits=True)
+        full = ours(**kwargs, **labels)  # the default: transformers' shapes and tuple layout
     assert full.prediction_logits.shape == b.prediction_logits.shape
+    assert full.masked_lm_index is None and len(full.to_tuple()) == len(b.to_tuple())
+    assert [type(x) for x in ours(**kwargs, **labels, return_dict=False)] == [type(x) for x in b.to_tuple()]
     assert abs(full.loss.item() - b.loss.item()) < TOL * max(1.0, abs(b.loss.item()))
 
 
@@ -103,7 +103,7 @@ def test_pretraining_gradients_match_hf(tiny_config, tiny_batch, tmp_path):
     )
     kwargs = _inputs(tiny_batch, True)
     labels = {k: tiny_batch[k] for k in LABEL_KEYS}
-    ours(**kwargs, **labels).loss.backward()
+    ours(**kwargs, **labels, mlm_logits_at_labels_only=True).loss.backward()
     hf(**kwargs, **labels).loss.backward()
     hf_grads = {n: p.grad for n, p in hf.named_parameters()}
     checked = 0
