@@ -311,6 +311,16 @@ def _markdown(s: dict, drawn: list[str], run: Path) -> str:
         lines += ["## Test images (first regions drawn; predicted vs true answer)", ""]
         lines += [f"![example]({f})" for f in drawn]
         lines.append("")
+    lines += [
+        "## Ask the model yourself",
+        "",
+        "In the browser (and over HTTP), with the demo's test images as examples:",
+        "",
+        "```bash",
+        f".venv/bin/lxmert-serve --model {run / 'vqa' / 'final'}",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -338,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         f"majority {summary['majority_baseline']:.2f} -> {'PASSED' if passed else 'FAILED'}"
     )
     print(f"report: {args.run / 'REPORT.md'}")
+    print(f"ask the model in the browser: .venv/bin/lxmert-serve --model {args.run / 'vqa' / 'final'}")
     return 0 if passed else 1
 
 

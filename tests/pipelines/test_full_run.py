@@ -92,6 +92,7 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
     assert summary["stages"]["extract"]["images_per_s"] > 0
     report = (run / "REPORT.md").read_text()
     assert "RANDOM weights" in report and "| color |" in report
+    assert f"lxmert-serve --model {run / 'vqa' / 'final'}" in report  # the report ends with how to ask the model
     for png in ("pretrain/curves.png", "vqa/curves.png"):
         assert (run / png).stat().st_size > 1000, png
     preds = json.loads((run / "eval" / "predictions.json").read_text())
