@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
@@ -75,11 +76,12 @@ def reading_model(source: Any) -> Iterator[None]:
         yield
     except DataFormatError:
         raise
-    except (OSError, ValueError, TypeError, KeyError, SafetensorError) as e:
-        if str(source) in str(e):  # the reader named the file and what to do
-            raise ModelLoadError(f"cannot load the model {source}: {e}") from e
+    except (OSError, ValueError, TypeError, KeyError, SafetensorError, StrictDataclassError) as e:
+        detail = " ".join(str(e).split())  # one line: some readers (strict config fields) span several
+        if str(source) in detail:  # the reader named the file and what to do
+            raise ModelLoadError(f"cannot load the model {source}: {detail}") from e
         raise ModelLoadError(
-            f"cannot load the model {source}: {type(e).__name__}: {e}; the checkpoint is damaged or not an LXMERT "
+            f"cannot load the model {source}: {type(e).__name__}: {detail}; the checkpoint is damaged or not an LXMERT "
             "model (copy it again, or give another)"
         ) from e
 
