@@ -675,6 +675,24 @@ class LxmertPreTrainedModel(PreTrainedModel):
         if isinstance(module, LxmertLMPredictionHead):
             init.zeros_(module.bias)
 
+    # -- gradient checkpointing: a static graph -----------------------------------------------------
+    @property
+    def _loss_reads_every_parameter(self) -> bool:
+        """True under gradient checkpointing in training (with autograd on): then the loss also reads, at zero
+        weight, the outputs LXMERT's losses leave unread (the last cross-modality layer's vision side for QA /
+        NLVR2 / language-only pretraining, the heads without labels), so every parameter gets a gradient (0
+        where it does not affect the loss, instead of None). This is what DDP without ``find_unused_parameters``
+        expects, which reentrant checkpointing requires; the loss and every other gradient are unchanged."""
+        return self.is_activation_checkpointing and self.training and torch.is_grad_enabled()
+
+    @staticmethod
+    def _plus_zero_times(loss: Tensor, *unread: Tensor | None) -> Tensor:
+        """``loss`` + 0 x each of ``unread`` (summed): the same value, a graph that reaches their parameters."""
+        for t in unread:
+            if t is not None:
+                loss = loss + (t * 0).sum().to(loss.dtype)
+        return loss
+
     # -- QA labels ---------------------------------------------------------------------------------
     def get_qa_logit_layer(self) -> nn.Module | None:
         """The answer head's last Linear (``answer_head.logit_fc.3``), or None without an answer head."""
@@ -1037,6 +1055,12 @@ class LxmertForPreTraining(LxmertPreTrainedModel):
             total = torch.zeros((), device=pooled.device)
             for value in losses.values():
                 total = total + value
+            if self._loss_reads_every_parameter:
+                unread_obj = None
+                if config.task_obj_predict and obj_labels is None:
+                    unread_obj = torch.cat([v.flatten() for v in self.obj_predict_head(visn).values()])
+                qa_score = answer_score if config.task_qa else None
+                total = self._plus_zero_times(total, prediction_logits, match_score, qa_score, visn, unread_obj)
         result = LxmertForPreTrainingOutput(
             loss=total,
             prediction_logits=prediction_logits,
@@ -1138,7 +1162,7 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             language_rows=_POOLED_ONLY,
-            vision_output=False,
+            vision_output=self._loss_reads_every_parameter,  # else unread: skipped
         )
         score = self.answer_head(out.pooled_output)
         loss = None
@@ -1153,6 +1177,8 @@ class LxmertForQuestionAnswering(LxmertPreTrainedModel):
                 loss = soft_score_bce(score, labels)
             else:
                 loss = F.cross_entropy(score.view(-1, num).float(), labels.reshape(-1))
+            if self._loss_reads_every_parameter:
+                loss = self._plus_zero_times(loss, out.vision_output)
         result = LxmertForQuestionAnsweringOutput(
             loss=loss,
             question_answering_score=score,
@@ -1211,11 +1237,13 @@ class LxmertForNLVR2(LxmertPreTrainedModel):
             else visual_attention_mask.flatten(0, 1),
             token_type_ids=pair(token_type_ids),
             language_rows=_POOLED_ONLY,
-            vision_output=False,
+            vision_output=self._loss_reads_every_parameter,  # else unread: skipped
         )
         pooled = out.pooled_output.reshape(b, -1)
         logits = self.answer_head(pooled)
         loss = None if labels is None else masked_mean_cross_entropy(logits, labels.reshape(-1))
+        if loss is not None and self._loss_reads_every_parameter:
+            loss = self._plus_zero_times(loss, out.vision_output)
         result = LxmertForNLVR2Output(loss=loss, logits=logits, pooled_output=pooled)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         return result if return_dict else result.to_tuple()
