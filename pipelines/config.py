@@ -32,6 +32,9 @@ class DemoConfig:
 
     train_images: int = 800
     test_images: int = 200
+    valid_images: int = (
+        100  # train images held out (after the first train_images) for the fine-tuning's valid split
+    )
     weights: str = ""  # detector weights (env WEIGHTS); empty: a detector with random weights
     detector_config: str = ""  # env CONFIG; empty: vg_tiny with random weights, vg_r101_c4 with weights
     device: str = ""  # env DEVICE: cpu | cuda; empty: CUDA when available
@@ -42,7 +45,10 @@ class DemoConfig:
     vqa_config: str = "tasks/configs/vqa_demo.yaml"
     pretrain_overrides: list[str] = field(default_factory=list)
     vqa_overrides: list[str] = field(default_factory=list)
-    check_margin: float = 5.0  # points above the better baseline the model must reach (<0: no check)
+    check_margin: float = (
+        15.0  # overall: points above the better baseline the model must reach (<0: no check)
+    )
+    probe_gap: float = 5.0  # colour / shape: points the model may be below the linear probe (<0: no check)
     draw_examples: int = 6
 
     RANGES: ClassVar[dict[str, str]] = {

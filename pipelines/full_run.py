@@ -1,9 +1,9 @@
 """The whole chain as a list of stages, each one real command: `pipelines/full_run.sh` runs this module.
 
 Without ``--config`` it runs the demo on easy-VQA (a data set the package registry ships): convert ->
-extract-features -> linear probe -> lxmert-train pretrain -> lxmert-train vqa (and the question-only baseline:
-the same fine-tuning with every region feature and box zeroed) -> predictions + the official VQA metric ->
-``REPORT.md`` / ``summary.json``. With ``--config pipelines/configs/lxmert.yaml`` it runs the real recipe:
+extract-features -> linear probe -> lxmert-train pretrain -> lxmert-train vqa (validated on held-out train
+images) -> predictions of the best model + the official VQA metric -> ``REPORT.md`` / ``summary.json`` (with the
+question-only baseline and the per-type check against the probe). With ``--config pipelines/configs/lxmert.yaml`` it runs the real recipe:
 extraction of every image set, pretraining, fine-tuning and evaluation / submission files for VQA, GQA and
 NLVR2, with torchrun over the local GPUs (and several machines with ``--nnodes/--node-rank/--master-addr``).
 

@@ -103,28 +103,28 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
         cmd += ["--weights", weights] if weights else ["--random-weights"]
         return cmd + (["--device", device] if device else [])
 
-    def finetune(out: Path, extra: list[str]) -> Callable[[], list[str]]:
-        def build() -> list[str]:
-            overrides = [
-                f"data.train={_yaml_list([data / 'train.json'])}",
-                f"data.features={_yaml_list([store])}",
-                f"data.answers={data / 'label2ans.json'}",
-                f"finetune.pretrain_answers={data / 'all_ans.json'}",
-                *d.vqa_overrides,
-                *dev_args,
-                *extra,
-            ]
-            return _train_cmd("vqa", d.vqa_config, out, overrides, load=str(run / "pretrain" / "final"))
+    def finetune() -> list[str]:
+        valid = [f"data.valid={data / 'valid.json'}"] if d.valid_images > 0 else []
+        overrides = [
+            f"data.train={_yaml_list([data / 'train.json'])}",
+            *valid,
+            f"data.features={_yaml_list([store])}",
+            f"data.answers={data / 'label2ans.json'}",
+            f"finetune.pretrain_answers={data / 'all_ans.json'}",
+            *d.vqa_overrides,
+            *dev_args,
+        ]
+        return _train_cmd("vqa", d.vqa_config, run / "vqa", overrides, load=str(run / "pretrain" / "final"))
 
-        return build
-
-    def predict(model: Path, out: Path, extra: list[str]) -> Callable[[], list[str]]:
-        return lambda: [
+    def predict() -> list[str]:
+        """Test predictions of the best model (by valid accuracy), or the final one without a valid split."""
+        model = run / "vqa" / ("best" if (run / "vqa" / "best").exists() else "final")
+        return [
             str(BIN / "lxmert-train"), "vqa", "--eval-only", "--config", _project_file(d.vqa_config),
             "--load", str(model), "--data", str(data / "test.json"),
-            "--annotations", str(data / "test_annotations.json"), "--output", str(out),
+            "--annotations", str(data / "test_annotations.json"), "--output", str(run / "eval"),
             f"data.features={_yaml_list([store])}", f"data.answers={data / 'label2ans.json'}",
-            *dev_args, *extra,
+            *dev_args,
         ]  # fmt: skip
 
     return [
@@ -139,6 +139,8 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
                 str(d.train_images),
                 "--test-images",
                 str(d.test_images),
+                "--valid-images",
+                str(d.valid_images),
             ],  # fmt: skip
             "easy-VQA (from the registry package) -> images + LXMERT JSON + official test files",
         ),
@@ -177,22 +179,8 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
             ),
             "LXMERT pretraining (small model) on the train images and questions",
         ),
-        Stage("finetune", finetune(run / "vqa", []), "VQA fine-tuning"),
-        Stage(
-            "finetune_question_only",
-            finetune(run / "vqa_question_only", ["data.zero_visual=true"]),
-            "the question-only baseline: the same fine-tuning with every region feature and box zeroed",
-        ),
-        Stage(
-            "predict", predict(run / "vqa" / "final", run / "eval", []), "test predictions + official metric"
-        ),
-        Stage(
-            "predict_question_only",
-            predict(
-                run / "vqa_question_only" / "final", run / "eval_question_only", ["data.zero_visual=true"]
-            ),
-            "the question-only baseline on the test questions",
-        ),
+        Stage("finetune", finetune, "VQA fine-tuning, validated on the held-out train images"),
+        Stage("predict", predict, "test predictions of the best model + official metric"),
         Stage(
             "report",
             lambda: [
@@ -204,6 +192,8 @@ def demo_stages(cfg: PipelineConfig, run: Path) -> list[Stage]:
                 str(run),
                 "--margin",
                 str(d.check_margin),
+                "--probe-gap",
+                str(d.probe_gap),
                 "--examples",
                 str(d.draw_examples),
             ],  # fmt: skip

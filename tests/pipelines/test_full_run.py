@@ -18,9 +18,7 @@ STAGES = [
     "probe",
     "pretrain",
     "finetune",
-    "finetune_question_only",
     "predict",
-    "predict_question_only",
     "report",
 ]
 
@@ -53,7 +51,7 @@ def test_dry_run_prints_every_stage_command(tmp_path: Path) -> None:
         assert f"stage {i}/{len(STAGES)} {name}:" in out.stdout
     for command in ("lxmert-data easy-vqa", "extract-features", "lxmert-train pretrain", "lxmert-train vqa"):
         assert command in out.stdout, command
-    assert "--eval-only" in out.stdout and "data.zero_visual=true" in out.stdout
+    assert "--eval-only" in out.stdout and "--valid-images 100" in out.stdout and "valid.json" in out.stdout
     assert not (tmp_path / "demo").exists()  # nothing ran
 
     real = _run(
@@ -74,7 +72,8 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
     run = tmp_path / "demo"
     args = [
         "--run-dir", str(run),
-        "demo.train_images=24", "demo.test_images=12", "demo.check_margin=-1", "demo.draw_examples=2",
+        "demo.train_images=24", "demo.valid_images=6", "demo.test_images=12", "demo.check_margin=-1",
+        "demo.probe_gap=-1", "demo.draw_examples=2",
         "demo.extract_batch_size=4", "demo.min_size=96", "demo.max_size=96",
         "demo.pretrain_overrides=[train.epochs=1,data.batch_size=16]",
         "demo.vqa_overrides=[train.epochs=1,data.batch_size=16]",
@@ -91,10 +90,34 @@ def test_reduced_demo_end_to_end(tmp_path: Path) -> None:
     assert summary["detector"]["random_weights"] is True
     assert summary["stages"]["extract"]["images_per_s"] > 0
     report = (run / "REPORT.md").read_text()
-    assert "RANDOM weights" in report and "| color |" in report
-    assert f"lxmert-serve --model {run / 'vqa' / 'final'}" in report  # the report ends with how to ask the model
+    assert "RANDOM weights" in report and "| color |" in report and "linear probe of the features |" in report
+    assert "What it shows:" in report and "What it cannot show:" in report
+    assert f"lxmert-serve --model {run / 'vqa' / 'best'}" in report  # ends with how to ask the (tested) model
     for png in ("pretrain/curves.png", "vqa/curves.png"):
         assert (run / png).stat().st_size > 1000, png
+    # the valid split: held-out train images, validated each epoch, the best model kept and used for the test
+    valid = json.loads((run / "data" / "valid.json").read_text())
+    train_images = {it["img_id"] for it in json.loads((run / "data" / "train.json").read_text())}
+    assert {it["img_id"] for it in valid} == {f"train/{n}" for n in range(24, 30)}
+    assert not train_images & {it["img_id"] for it in valid}
+    splits = {json.loads(line)["split"] for line in (run / "vqa" / "metrics.jsonl").read_text().splitlines()}
+    assert {"train", "valid"} <= splits and (run / "vqa" / "best" / "model.safetensors").exists()
+    assert "vqa/best" in (run / "logs" / "predict.log").read_text()
+
+    # the per-type rule is enforced on the run's own files: a probe that reads colour and shape perfectly
+    probe = json.loads((run / "probe.json").read_text())
+    assert set(probe) == {"color", "shape"}
+    (run / "probe.json").write_text(json.dumps({k: dict(v, accuracy=100.0) for k, v in probe.items()}))
+    check = subprocess.run(
+        [sys.executable, "-m", "pipelines.report", "report", "--run", str(run), "--margin", "-1",
+         "--probe-gap", "5", "--examples", "0"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert check.returncode == 1, check.stdout + check.stderr
+    for qtype in ("color", "shape"):
+        assert f"check failed: {qtype}: LXMERT" in check.stdout and "below the linear probe" in check.stdout
+    assert json.loads((run / "summary.json").read_text())["passed"] is False
+    (run / "probe.json").write_text(json.dumps(probe))
     preds = json.loads((run / "eval" / "predictions.json").read_text())
     test_qids = {
         q["question_id"] for q in json.loads((run / "data" / "test_questions.json").read_text())["questions"]
