@@ -54,10 +54,12 @@ class DemoConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "train_images": "[1, inf)",
         "test_images": "[1, inf)",
+        "valid_images": "[0, inf)",
         "min_size": "[1, inf)",
         "max_size": "[1, inf)",
         "extract_batch_size": "[1, inf)",
         "check_margin": "(-inf, inf)",
+        "probe_gap": "(-inf, inf)",
         "draw_examples": "[0, inf)",
     }
 

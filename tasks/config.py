@@ -34,6 +34,9 @@ class DataConfig:
     allow_missing_images: bool = False  # drop (and count) items whose image is in no store instead of failing
     zero_visual: bool = False  # every region feature and box zeroed: the question-only baseline
     standardize_features: bool = False  # subtract the train store's per-dimension mean, divide by its std
+    # standardise and also decorrelate (ZCA whitening over the train regions; features of <= 512 dims): the
+    # demo's random-detector features, whose dimensions are strongly correlated
+    whiten_features: bool = False
     # Pretraining / demo: a subset for quick runs (0 = all)
     limit: int = 0
 

@@ -40,17 +40,22 @@ def open_features(
     saved = (record or {}).get("standardize")
     if saved:
         features.stats = FeatureStats.from_dict(saved)
-        if not config.data.standardize_features:
+        if not (config.data.standardize_features or config.data.whiten_features):
             logger.warning(
                 "%s was trained on standardised features: they are standardised with its statistics "
                 "(features.json) although data.standardize_features is false",
                 model_folder,
             )
-    elif config.data.standardize_features:
+    elif config.data.standardize_features or config.data.whiten_features:
         ids = sorted(set(train_img_ids()))
         missing = set(features.locate(ids))
-        features.stats = features.compute_stats([i for i in ids if i not in missing])
-        logger.info("feature standardisation: mean / std over %d regions", features.stats.num_regions)
+        whiten = config.data.whiten_features
+        features.stats = features.compute_stats([i for i in ids if i not in missing], whiten=whiten)
+        logger.info(
+            "feature standardisation: mean / std%s over %d regions",
+            " and whitening" if whiten else "",
+            features.stats.num_regions,
+        )
     return features
 
 

@@ -100,8 +100,10 @@ class PretrainTask:
         ] = {}  # data.train / data.valid -> sentences left out (image in no store)
         self.train_corpus = self._corpus(data.train, "data.train")
         self.valid_corpus = self._corpus([data.valid], "data.valid") if data.valid else None
-        if data.standardize_features:
-            self.features.stats = self.features.compute_stats(self.train_corpus.img_ids, STATS_IMAGES)
+        if data.standardize_features or data.whiten_features:
+            self.features.stats = self.features.compute_stats(
+                self.train_corpus.img_ids, STATS_IMAGES, whiten=data.whiten_features
+            )
         random_stores = self.features.random_weight_stores
         label_losses = [k for k in ("obj", "attr") if self.enabled[k]]
         if random_stores and label_losses:

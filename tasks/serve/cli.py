@@ -2,7 +2,7 @@
 
 ::
 
-    lxmert-serve --model runs/demo/vqa/final        # the detector as the model folder's extractor.json records
+    lxmert-serve --model runs/demo/vqa/best         # the detector as the model folder's extractor.json records
     lxmert-serve --model runs/vqa/best --weights faster_rcnn_from_caffe_attr.pkl --port 7860 --max-batch 16
 
 Then open http://127.0.0.1:7860/ (the page) or script against ``POST /api/answer`` (see :mod:`tasks.serve.app`).

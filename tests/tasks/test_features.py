@@ -118,6 +118,45 @@ def test_standardisation(two_stores):
     assert feats.compute_stats(["c1", "c2", "c3"], max_images=2).num_regions == 10
 
 
+def test_whitening_decorrelates_correlated_features(tmp_path: Path):
+    """data.whiten_features: the standardised train features come out with (near) identity covariance; the
+    statistics survive features.json; a near-constant direction is not blown up (eigenvalue floor)."""
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(DIM, DIM)) * np.linspace(3, 0.1, DIM)[:, None]  # correlated dims, uneven variances
+    records = {}
+    with FeatureWriter(tmp_path / "s.lmdb", extractor={"source": "tsv", "file": "x"}) as writer:
+        for i in range(40):
+            rec = make_record(i, n=6)
+            rec["features"] = (rng.normal(size=(6, DIM)) @ mix + 5).astype(np.float32)
+            rec["features"][:, -1] = 5 + 1e-4 * rng.normal(size=6)  # a dimension of almost no variance
+            records[f"i{i}"] = rec
+            writer.put(f"i{i}", rec)
+    feats = RegionFeatures([tmp_path / "s.lmdb"])
+    plain = feats.compute_stats(list(records))
+    stats = feats.compute_stats(list(records), whiten=True)
+    np.testing.assert_array_equal(stats.mean, plain.mean)
+    np.testing.assert_array_equal(stats.std, plain.std)
+    white = RegionFeatures([tmp_path / "s.lmdb"], stats=FeatureStats.from_dict(stats.to_dict()))
+    out = np.concatenate([white[i].features for i in records]).astype(np.float64)
+    standardised = np.concatenate([RegionFeatures([tmp_path / "s.lmdb"], stats=plain)[i].features for i in records])
+    assert abs(np.corrcoef(standardised, rowvar=False) - np.eye(DIM)).max() > 0.5  # correlated before
+    cov = np.cov(out, rowvar=False, bias=True)
+    w = np.linalg.eigvalsh(cov)
+    assert abs(w[1:] - 1).max() < 1e-3 and w[0] < 1e-3  # identity but for the floored direction, kept down
+    # a dimension of (almost) no variance is not standardised up into noise: a step of 10 of its stds barely moves
+    near_constant = records["i0"]["features"].copy()
+    near_constant[:, -1] += 1e-3
+    assert abs(stats.apply(near_constant) - stats.apply(records["i0"]["features"])).max() < 0.1
+    np.testing.assert_allclose(out.mean(0), 0, atol=1e-4)
+    assert len(white.describe()["standardize"]["whiten"]) == DIM
+
+
+def test_whitening_refuses_wide_features(tmp_path: Path):
+    write_store(tmp_path / "w.lmdb", ["a"], dim=600)
+    with pytest.raises(ValueError, match="whiten_features.*600-d"):
+        RegionFeatures([tmp_path / "w.lmdb"]).compute_stats(["a"], whiten=True)
+
+
 def test_random_weight_metadata(tmp_path: Path):
     extracted = {
         "weights": None,

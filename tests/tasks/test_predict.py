@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from finetune_data import COLOURS, nlvr2_setup, qa_setup, write_json
@@ -201,12 +202,17 @@ def test_nlvr2_csv_and_official_scores(tmp_path: Path):
     assert scores["official"]["accuracy"] == pytest.approx(right / len(items))
 
 
-def test_standardised_features_follow_the_model(tmp_path: Path):
-    """A model fine-tuned on standardised features is evaluated with its own statistics, config or not."""
-    cfg = qa_setup(tmp_path, n_train=32, n_valid=10, standardize_features=True)
+@pytest.mark.parametrize("setting", ["standardize_features", "whiten_features"])
+def test_standardised_features_follow_the_model(tmp_path: Path, setting: str):
+    """A model fine-tuned on standardised (or whitened) features is evaluated with its own statistics, config or
+    not."""
+    cfg = qa_setup(tmp_path, n_train=32, n_valid=10, **{setting: True})
     best, task, _ = quick_model_folder(tmp_path, cfg, vqa.build)
     stats = json.loads((best / "features.json").read_text())["standardize"]
     assert len(stats["mean"]) == 8 and stats["num_regions"] == 32 * 4
+    assert ("whiten" in stats) == (setting == "whiten_features")
+    if "whiten" in stats:
+        assert np.array(stats["whiten"]).shape == (8, 8)
     with_config, alone = tmp_path / "with_config", tmp_path / "alone"
     assert (
         cli_main(
