@@ -675,6 +675,23 @@ class LxmertPreTrainedModel(PreTrainedModel):
         if isinstance(module, LxmertLMPredictionHead):
             init.zeros_(module.bias)
 
+    # -- adapters: inputs that require grad --------------------------------------------------------
+    def enable_input_require_grads(self) -> None:
+        """As ``transformers`` (the word embeddings' output requires grad, for adapters under reentrant gradient
+        checkpointing), and the same for LXMERT's second input, the visual feature encoder's output: without it
+        the vision-only layers' checkpointed inputs need no grad and their adapters get none."""
+        super().enable_input_require_grads()
+
+        def make_output_require_grad(module: nn.Module, args: Any, output: Tensor) -> None:
+            output.requires_grad_(True)
+
+        hooks = [
+            m.register_forward_hook(make_output_require_grad)
+            for m in self.modules()
+            if isinstance(m, LxmertVisualFeatureEncoder)
+        ]
+        self._require_grads_hooks = [*getattr(self, "_require_grads_hooks", []), *hooks]
+
     # -- gradient checkpointing: a static graph -----------------------------------------------------
     @property
     def _loss_reads_every_parameter(self) -> bool:

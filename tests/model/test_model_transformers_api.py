@@ -233,3 +233,35 @@ def test_transformers_trainer_runs_on_our_qa_model(tiny_config, tiny_batch, tmp_
     result = trainer.train()
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(model.answer_head.logit_fc[-1].weight, before)
+
+
+@pytest.mark.slow  # importing peft alone takes seconds
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_peft_lora_with_gradient_checkpointing_gives_every_adapter_its_gradient(
+    tiny_config, tiny_batch, reentrant
+):
+    """PEFT's recipe (checkpointing on the base, enable_input_require_grads, LoRA on query / value): the adapters of
+    the language, vision and cross-modality layers get the gradients they get without checkpointing."""
+    peft = pytest.importorskip("peft")
+    tiny_config.hidden_dropout_prob = tiny_config.attention_probs_dropout_prob = 0.0
+    inputs, target = _backbone(tiny_batch), torch.tensor([1, 2, 3])
+
+    def adapter_grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        base = LxmertForQuestionAnswering(tiny_config).train()
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            base.enable_input_require_grads()
+        config = peft.LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.0, init_lora_weights=False)
+        lora = peft.get_peft_model(base, config)
+        lora(**inputs, labels=target).loss.backward()
+        return {n: p.grad for n, p in lora.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = adapter_grads(False), adapter_grads(True)
+    assert set(plain) == set(checkpointed)
+    for part in (".layer.", ".r_layers.", ".x_layers."):
+        assert any(part in n and plain[n] is not None and plain[n].abs().sum() > 0 for n in plain), part
+    for name, grad in plain.items():
+        if grad is not None and grad.abs().sum() > 0:
+            assert checkpointed[name] is not None, name
+            assert (checkpointed[name] - grad).abs().max() <= 1e-6, name
