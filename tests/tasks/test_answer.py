@@ -34,12 +34,7 @@ from tasks.answer.drawing import draw_result
 QUESTION = "What is the man holding?"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tasks/conftest.py
 
 
 @pytest.fixture(scope="module")

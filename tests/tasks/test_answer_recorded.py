@@ -32,12 +32,7 @@ RECORDED = {"config": "vg_tiny", "min_size": 80, "max_size": 96, "seed": 7}
 SELECTION = BoxSelection(rule="maxnms", min_boxes=6, max_boxes=12)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tasks/conftest.py
 
 
 def _shape_image(path: Path, size: int = 64) -> Path:

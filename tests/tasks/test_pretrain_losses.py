@@ -36,12 +36,7 @@ RANDOM_DETECTOR = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tasks/conftest.py
 
 
 @pytest.fixture

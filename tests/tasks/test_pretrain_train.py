@@ -27,12 +27,7 @@ DIM = 8
 ANSWERS = ["yes", "no", "2", "cat", "dog", "red"]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/tasks/conftest.py
 
 
 @pytest.fixture
