@@ -294,19 +294,7 @@ def measure(args: argparse.Namespace, device: torch.device) -> Row:
     amp = DTYPE_TO_AMP[dtype]
     tmp = Path(tempfile.mkdtemp(prefix="bench_extract_run_"))
     try:
-        cfg = ExtractConfig(
-            out=str(tmp / "out.lmdb"),
-            random_weights=True,
-            config=args.config,
-            min_size=args.min_size,
-            max_size=args.max_size,
-            device=str(device),
-            workers=args.workers,
-            progress=False,
-            overwrite=True,
-            amp=amp,
-            batch_size=batch,
-        )
+        cfg = _config(args, device, tmp / "out.lmdb", dtype, batch)
         detector = build_detector(cfg, device)
         # warm-up: one forward at the measured batch size (kernels picked, memory mapped), not timed
         warm = [load_image(it.path, args.min_size, args.max_size) for it in items[: max(1, batch)]]

@@ -164,7 +164,9 @@ def test_gradient_checkpointing_reaches_every_parameter_of_the_answer_models(tin
         torch.manual_seed(1)
         out = model(**inputs, labels=labels)
         out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.loss.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
 
     loss, plain = grads()
     model.gradient_checkpointing_enable()
@@ -252,7 +254,9 @@ def test_peft_lora_with_gradient_checkpointing_gives_every_adapter_its_gradient(
         if checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
             base.enable_input_require_grads()
-        config = peft.LoraConfig(r=4, target_modules=["query", "value"], lora_dropout=0.0, init_lora_weights=False)
+        config = peft.LoraConfig(
+            r=4, target_modules=["query", "value"], lora_dropout=0.0, init_lora_weights=False
+        )
         lora = peft.get_peft_model(base, config)
         lora(**inputs, labels=target).loss.backward()
         return {n: p.grad for n, p in lora.named_parameters() if p.requires_grad}

@@ -82,5 +82,8 @@ def test_transformers_lxmert_suite_passes_with_our_classes(tmp_path):
         sum(o == "passed" for o in stock.values()) - known_passing_with_stock
     )
     # checkpointing: stock passes these without running a class (none supports it); ours runs and passes them
-    for name in ("test_training_gradient_checkpointing", "test_training_gradient_checkpointing_use_reentrant_false"):
+    for name in (
+        "test_training_gradient_checkpointing",
+        "test_training_gradient_checkpointing_use_reentrant_false",
+    ):
         assert ours.get(name) == "passed", (name, ours.get(name))

@@ -32,6 +32,28 @@ def make_image(path: Path, h: int, w: int, seed: int) -> Path:
     return path
 
 
+def save_tiny_qa_model(
+    folder: Path, store: Path, dim: int, answers: list[str], x_layers: int = 1
+) -> LxmertForQuestionAnswering:
+    """A tiny random (seed 0) VQA model for ``dim``-d features, saved to ``folder`` as fine-tuning saves
+    ``RUN_DIR/best`` (weights, config, answer table, the records of ``store``'s features); returned in eval mode."""
+    torch.manual_seed(0)
+    config = LxmertConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        l_layers=1,
+        r_layers=1,
+        x_layers=x_layers,
+        visual_feat_dim=dim,
+        num_qa_labels=len(answers),
+        initializer_range=0.3,  # large weights: the answers depend clearly on the regions
+    )
+    model = LxmertForQuestionAnswering(config).eval()
+    save_model_dir(folder, model, {"label2ans.json": answers, **feature_extras(RegionFeatures([store]))})
+    return model
+
+
 def build_answer_model(root: Path) -> dict:
     """Detector weights file, one image, its store, the model folder (see the module doc)."""
     detector = build_vg_detector(get_detector_cfg("vg_tiny"), "cpu", seed=3)
@@ -53,24 +75,8 @@ def build_answer_model(root: Path) -> dict:
     with FeatureStore(store) as fs:
         extractor = fs.metadata["extractor"]
 
-    torch.manual_seed(0)
-    model_config = LxmertConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        l_layers=1,
-        r_layers=1,
-        x_layers=2,
-        visual_feat_dim=detector.feature_dim,
-        num_qa_labels=len(ANSWERS),
-        initializer_range=0.3,  # large weights: the answers depend clearly on the regions
-    )
-    model = LxmertForQuestionAnswering(model_config).eval()
-    folder = (
-        root / "best"
-    )  # as fine-tuning saves RUN_DIR/best: weights, config, answer table, feature records
-    extras = {"label2ans.json": ANSWERS, **feature_extras(RegionFeatures([store]))}
-    save_model_dir(folder, model, extras)
+    folder = root / "best"
+    model = save_tiny_qa_model(folder, store, detector.feature_dim, ANSWERS, x_layers=2)
     assert json.loads((folder / "extractor.json").read_text()) == [extractor]
     return {
         "root": root,
@@ -81,5 +87,3 @@ def build_answer_model(root: Path) -> dict:
         "model": model,
         "extractor": extractor,
     }
-
-

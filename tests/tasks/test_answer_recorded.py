@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from answer_model import save_tiny_qa_model
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -17,13 +17,9 @@ from extract.detector import build_vg_detector, get_detector_cfg
 from extract.runner import ExtractConfig, ImageItem, run_extraction
 from extract.selection import BoxSelection
 from extract.store import FeatureStore
-from model import LxmertConfig, LxmertForQuestionAnswering
 from tasks.answer.answerer import Answer, Answerer, AnswerResult, Region
 from tasks.answer.cli import main
 from tasks.answer.drawing import draw_result
-from tasks.data.model_folder import feature_extras
-from tasks.data.regions import RegionFeatures
-from tasks.engine.checkpointing import save_model_dir
 
 ANSWERS = ["circle", "rectangle", "triangle", "red", "blue", "yes", "no"]
 QUESTION = "What shape is in the image?"
@@ -47,22 +43,8 @@ def _shape_image(path: Path, size: int = 64) -> Path:
 
 
 def _model_folder(root: Path, store: Path, dim: int) -> Path:
-    torch.manual_seed(0)
-    config = LxmertConfig(
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        l_layers=1,
-        r_layers=1,
-        x_layers=1,
-        visual_feat_dim=dim,
-        num_qa_labels=len(ANSWERS),
-        initializer_range=0.3,  # large weights: the answers depend clearly on the regions
-    )
-    folder = root / "best"
-    extras = {"label2ans.json": ANSWERS, **feature_extras(RegionFeatures([store]))}
-    save_model_dir(folder, LxmertForQuestionAnswering(config).eval(), extras)
-    return folder
+    save_tiny_qa_model(root / "best", store, dim, ANSWERS)
+    return root / "best"
 
 
 @pytest.fixture(scope="module")

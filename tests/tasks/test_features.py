@@ -138,7 +138,9 @@ def test_whitening_decorrelates_correlated_features(tmp_path: Path):
     np.testing.assert_array_equal(stats.std, plain.std)
     white = RegionFeatures([tmp_path / "s.lmdb"], stats=FeatureStats.from_dict(stats.to_dict()))
     out = np.concatenate([white[i].features for i in records]).astype(np.float64)
-    standardised = np.concatenate([RegionFeatures([tmp_path / "s.lmdb"], stats=plain)[i].features for i in records])
+    standardised = np.concatenate(
+        [RegionFeatures([tmp_path / "s.lmdb"], stats=plain)[i].features for i in records]
+    )
     assert abs(np.corrcoef(standardised, rowvar=False) - np.eye(DIM)).max() > 0.5  # correlated before
     cov = np.cov(out, rowvar=False, bias=True)
     w = np.linalg.eigvalsh(cov)

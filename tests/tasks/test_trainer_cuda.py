@@ -3,17 +3,13 @@ CUDA equal to CPU in fp32, and two nccl processes equal to one (with two GPUs). 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_task import ToyTask, toy_config
+from toy_task import ToyTask, toy_config, train_on_two_processes
 
-from common.config import save_config
 from tasks.engine import checkpointing as ckpt
 from tasks.engine.trainer import train
 
@@ -21,8 +17,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.usefixtures("one_thread"),
 ]
-TOY = Path(__file__).resolve().parent / "toy_task.py"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _final(run: Path) -> dict[str, torch.Tensor]:
@@ -64,11 +58,7 @@ def test_cuda_mixed_precision_trains_and_resumes(tmp_path, tiny_store, tiny_item
 def test_two_nccl_processes_equal_one_process_with_accumulation(tmp_path, tiny_store, tiny_items):
     train_json, _ = tiny_items
     two = toy_config(tmp_path, tiny_store, train_json, epochs=1, log_every=4, device="cuda")
-    save_config(two, tmp_path / "two.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(TOY), str(tmp_path / "two.yaml"), str(tmp_path / "ddp"), "--dropout", "0"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = train_on_two_processes(two, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es) x 1 accumulation x 2" in proc.stderr
 

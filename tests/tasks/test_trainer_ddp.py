@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_task import ToyTask, toy_config
+from toy_task import ToyTask, toy_config, train_on_two_processes
 
-from common.config import save_config
 from tasks.engine.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TOY = Path(__file__).resolve().parent / "toy_task.py"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
@@ -26,11 +17,7 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, tiny_store,
     train_json, _ = tiny_items
     # global batch 4: 2 processes x micro batch 2, against 1 process x 2 accumulation steps x micro batch 2
     two = toy_config(tmp_path, tiny_store, train_json, epochs=1, log_every=4)
-    save_config(two, tmp_path / "two.yaml")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(TOY), str(tmp_path / "two.yaml"), str(tmp_path / "ddp"), "--dropout", "0"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = train_on_two_processes(two, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "1 process(es)" not in proc.stderr and "2 process(es) x 1 accumulation x 2" in proc.stderr
 

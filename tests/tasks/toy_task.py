@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,18 @@ def toy_config(
     data.update(loop.pop("data", {}))
     optim = {"lr": 1e-3, "warmup": 0.1, **loop.pop("optim", {})}
     return config_from_dict(TrainConfig, {"task": "pretrain", "data": data, "train": loop, "optim": optim})
+
+
+def train_on_two_processes(config: TrainConfig, tmp: Path) -> subprocess.CompletedProcess:
+    """``config`` (saved as ``tmp/two.yaml``) trained by this module under ``torchrun --nproc_per_node 2`` into
+    ``tmp/ddp``, dropout 0; the finished process (stdout / stderr captured)."""
+    from common.config import save_config
+
+    save_config(config, tmp / "two.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(Path(__file__).resolve()), str(tmp / "two.yaml"), str(tmp / "ddp"), "--dropout", "0"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
 def main(argv: list[str] | None = None) -> None:
